@@ -1,0 +1,114 @@
+"""The interfaces every component plugs into (DESIGN.md, "Types").
+
+Conventions used throughout:
+
+- ``n`` is the number of participating clients in a round (rows), ``d`` the number of
+  model parameters. Updates reach aggregators and attacks ravelled into one ``[n, d]``
+  float32 matrix (row ``i`` = client ``i``'s update, local minus global params).
+- ``weights`` is an ``[n]`` non-negative vector: a client's sample count, or 0 when the
+  client is absent (dropout, not a neighbour in peer-to-peer). Rules must ignore rows
+  with weight 0 entirely (as if they were not in the matrix).
+- Everything here is a pure function of arrays; static choices are closed over by the
+  factory that builds the NamedTuple (in the manner of optax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+Array = jax.Array
+AggState = Any  # a pytree, whatever a rule needs to carry between rounds
+LossFn = Callable[[Array, Array, Array], Array]  # (flat_params [d], x [b,...], y [b]) -> scalar
+
+
+class AggInfo(NamedTuple):
+    """What a rule did, per client.
+
+    weight: ``[n]`` non-negative contribution of each client's update (as sent) to the
+        aggregate. For a rule whose output is a convex combination of the rows (mean,
+        Krum, Multi-Krum, FLTrust after rescaling is accounted, ...) it sums to 1. For
+        clipping rules, it is the normalised weight times the shrink factor applied to the
+        row (so clipping shows up as lost weight). For coordinate-wise rules (median,
+        trimmed mean, Bulyan, ...) it is the fraction of coordinates at which the row's
+        value entered the output, times the share that value had there (median of an odd
+        count: 1 / d per coordinate where it is the median). Zero for absent clients.
+    """
+
+    weight: Array
+
+
+class AggContext(NamedTuple):
+    """What the judging party knows in a round.
+
+    global_params: ``[d]`` the current global model, ravelled.
+    key: a PRNG key for randomised rules (never reuse; split it).
+    hparams: ``dict[str, scalar]`` traced values of the rule's sweepable options (see
+        ``Registry.register(..., traced=(...))``); a rule reads ``hparams.get(k, default)``.
+    client_ids: ``[n]`` int32 stable identities of the rows (for stateful rules such as
+        FoolsGold, which keep a per-client history indexed by identity).
+    loss_fn: ``(flat_params [d], x, y) -> scalar`` mean loss, for behaviour-based rules.
+    judge_x, judge_y: the data the judge holds (root / validation set), or ``None``.
+    """
+
+    global_params: Array
+    key: Array
+    hparams: dict
+    client_ids: Array | None = None
+    loss_fn: LossFn | None = None
+    judge_x: Array | None = None
+    judge_y: Array | None = None
+
+
+class Aggregator(NamedTuple):
+    """A robust aggregation rule.
+
+    init(flat_params [d], n_clients) -> AggState
+    aggregate(updates [n, d], weights [n], state, ctx) -> (update [d], state, AggInfo)
+    """
+
+    init: Callable[[Array, int], AggState]
+    aggregate: Callable[[Array, Array, AggState, AggContext], tuple[Array, AggState, AggInfo]]
+
+
+class AttackContext(NamedTuple):
+    """What the adversary is allowed to know when crafting.
+
+    global_params: ``[d]``; key: PRNG key; hparams: ``dict[str, scalar]`` traced options.
+    weights: ``[n]`` participation weights of the round's rows.
+    benign_updates: ``[n, d]`` or ``None``: what every row would send if honest (for
+        malicious rows: trained on clean data). ``None`` unless the attack asks for it.
+    agg_state: the aggregator's state (e.g. centred clipping's previous aggregate), for
+        attacks that know the rule.
+    loss_fn, proxy_x, proxy_y: the adversary's proxy of the judge's data, for
+        behaviour-aware attacks.
+    """
+
+    global_params: Array
+    key: Array
+    hparams: dict
+    weights: Array
+    benign_updates: Array | None = None
+    agg_state: Any = None
+    loss_fn: LossFn | None = None
+    proxy_x: Array | None = None
+    proxy_y: Array | None = None
+
+
+class Attack(NamedTuple):
+    """An adversary.
+
+    poison(x [b, ...], y [b], key, hparams) -> (x, y): applied to malicious clients'
+        batches during local training (data poisoning); ``None`` for none.
+    craft(updates [n, d], is_malicious [n] bool, ctx) -> updates [n, d]: rewrites the
+        malicious rows in-graph (model poisoning); ``None`` for none. Honest rows must be
+        returned unchanged.
+    needs_benign: if True the engine also trains malicious clients on clean data and
+        passes the result as ``ctx.benign_updates``.
+    """
+
+    poison: Callable | None = None
+    craft: Callable | None = None
+    needs_benign: bool = False
