@@ -97,6 +97,20 @@ class AttackContext(NamedTuple):
     proxy_y: Array | None = None
 
 
+class AttackSetup(NamedTuple):
+    """Static facts the engine hands every attack factory (as ``setup=``).
+
+    rule: the aggregator's registered name; rule_kw: its options as a sorted tuple of
+    (key, value) pairs (an attack that "knows the rule" reads them, e.g. Krum's f).
+    n_classes: number of classes (0 for regression); input_shape: one example's shape.
+    """
+
+    rule: str = "mean"
+    rule_kw: tuple = ()
+    n_classes: int = 10
+    input_shape: tuple = (28, 28, 1)
+
+
 class Attack(NamedTuple):
     """An adversary.
 
@@ -107,8 +121,12 @@ class Attack(NamedTuple):
         returned unchanged.
     needs_benign: if True the engine also trains malicious clients on clean data and
         passes the result as ``ctx.benign_updates``.
+    success(predict, x [t, ...], y [t]) -> scalar in [0, 1]: the attack success rate on
+        the test set, ``predict(x) -> logits [t, c]`` (targeted, backdoor, ...); ``None``
+        for untargeted attacks (their effect is the accuracy drop).
     """
 
     poison: Callable | None = None
     craft: Callable | None = None
     needs_benign: bool = False
+    success: Callable | None = None
