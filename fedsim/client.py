@@ -1,0 +1,116 @@
+"""Local training of one client (the engine vmaps it over the round's participants).
+
+A client holds index positions ``idx_row [P]`` into the device-resident training set, of
+which the first ``count`` are real. Training runs epochs of that data: each epoch
+shuffles the client's ``count`` samples (a fresh key per epoch) and walks them in
+batches of ``batch_size``; the last batch of an epoch is partial and its loss is the mean
+over its real samples only. A client smaller than a batch therefore takes one step per
+epoch on all its samples. The number of steps is ``epochs * ceil(count / batch_size)``
+(epoch mode) or exactly ``steps`` (step mode, epochs continuing as needed).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedsim.models import to_float
+from fedsim.registry import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_optimizer(name: str, lr, momentum=0.9) -> optax.GradientTransformation:
+    """Client/server optimizer by name; ``lr`` and ``momentum`` may be traced scalars."""
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=momentum)
+    if name == "adam":
+        return optax.adam(lr)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+class LocalSpec(NamedTuple):
+    """Static shape of local training."""
+
+    batch_size: int
+    epochs: int | None  # epoch mode when set
+    steps: int | None  # step mode when set
+    optimizer: str = "sgd"
+
+
+def n_local_steps(spec: LocalSpec, count):
+    """Steps a client with ``count`` samples takes (works on ints and arrays)."""
+    if spec.steps is not None:
+        return jnp.full_like(count, spec.steps) if hasattr(count, "shape") else spec.steps
+    return spec.epochs * ((count + spec.batch_size - 1) // spec.batch_size)
+
+
+def cross_entropy(logits, labels, mask):
+    """Mean softmax cross-entropy over the rows where ``mask`` is 1."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_local_train(apply_fn, spec: LocalSpec, poison=None):
+    """Build ``local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp,
+    is_malicious) -> update`` for one client.
+
+    params: the global params pytree; data_x uint8 ``[N, ...]``, data_y int32 ``[N]``;
+    idx_row int32 ``[P]``; count, n_steps: int32 scalars (``n_steps`` is the loop bound,
+    the same for every client of the round: steps past the client's own are no-ops);
+    hp: ``{"lr", "momentum", "attack": {...}}`` traced scalars. Returns the update
+    (local params - global params), a pytree like ``params``.
+    """
+    batch = spec.batch_size
+
+    def local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp, is_malicious):
+        optimizer = make_optimizer(spec.optimizer, hp["lr"], hp["momentum"])
+        per_epoch = (count + batch - 1) // batch
+        own_steps = n_local_steps(spec, count)
+        padded = per_epoch_padding(idx_row.shape[0], batch)
+
+        def loss_fn(p, x, y, mask):
+            return cross_entropy(apply_fn({"params": p}, x), y, mask)
+
+        def step(t, carry):
+            p, opt_state = carry
+            epoch, within = t // per_epoch, t % per_epoch
+            order = epoch_order(jax.random.fold_in(key, epoch), count, padded)
+            pos = jax.lax.dynamic_slice(order, (within * batch,), (batch,))
+            mask = ((within * batch + jnp.arange(batch)) < count).astype(jnp.float32)
+            rows = idx_row[pos]
+            x, y = to_float(data_x[rows]), data_y[rows]
+            if poison is not None:
+                px, py = poison(x, y, jax.random.fold_in(key, -1 - t), hp["attack"])
+                x = jnp.where(is_malicious, px, x)
+                y = jnp.where(is_malicious, py, y)
+            grads = jax.grad(loss_fn)(p, x, y, mask)
+            upd, new_opt = optimizer.update(grads, opt_state, p)
+            new_p = optax.apply_updates(p, upd)
+            active = t < own_steps
+            keep = lambda new, old: jnp.where(active, new, old)
+            return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_opt, opt_state)
+
+        final, _ = jax.lax.fori_loop(0, n_steps, step, (params, optimizer.init(params)))
+        return jax.tree.map(jnp.subtract, final, params)
+
+    return local_train
+
+
+def per_epoch_padding(n_positions: int, batch: int) -> int:
+    """Length of an epoch's order array: positions rounded up to whole batches."""
+    return ((n_positions + batch - 1) // batch) * batch
+
+
+def epoch_order(key, count, length: int):
+    """A random order of positions ``0..count-1`` followed by the invalid positions,
+    as int32 ``[length]``; positions past the client's data are never real samples."""
+    scores = jax.random.uniform(key, (length,))
+    scores = jnp.where(jnp.arange(length) < count, scores, 2.0 + jnp.arange(length))
+    order = jnp.argsort(scores).astype(jnp.int32)
+    return jnp.minimum(order, jnp.maximum(count - 1, 0))

@@ -1,0 +1,344 @@
+"""The fused round (DESIGN.md, "The round, as data flows").
+
+``prepare(spec)`` does the host work once per Spec (load data, partition it, put it on the
+device, build the model). ``make_round(setup)`` returns the pure
+``round_step(state, hparams, data) -> (state, RoundMetrics)``: sample m of n clients,
+train them locally (vmapped), let the adversary craft, aggregate with the configured
+rule, apply the server optimizer. ``make_chunk`` scans ``eval_every`` rounds and then
+evaluates on the device; ``run`` calls it between progress updates on the host.
+
+Randomness: one root key per run, split by purpose (init, malicious set, rounds); the key
+of round r is ``fold_in(rounds_key, r)``, split again by purpose (sampling, training,
+attack, aggregation); client c trains with ``fold_in(train_key, c)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fedsim import aggregators, attacks, models
+from fedsim.client import LocalSpec, cross_entropy, make_local_train, make_optimizer, n_local_steps
+from fedsim.config import HParams, Spec, accepted, thaw
+from fedsim.data import load, pack, partition
+from fedsim.types import AggContext, AttackContext, AttackSetup
+
+TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
+
+
+class Data(NamedTuple):
+    """Device-resident data, passed to the compiled program as arguments (never copied
+    per client). x: uint8 ``[N, ...]``; y: int32 ``[N]``; idx: int32 ``[n_clients, P]``;
+    count: int32 ``[n_clients]``; x_test: float32 ``[T, ...]``; y_test: int32 ``[T]``;
+    judge_x: float32 ``[J, ...]``; judge_y: int32 ``[J]`` (J = 0 without a judge set)."""
+
+    x: jax.Array
+    y: jax.Array
+    idx: jax.Array
+    count: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+    judge_x: jax.Array
+    judge_y: jax.Array
+
+
+class Setup(NamedTuple):
+    """What ``prepare`` builds once per Spec."""
+
+    spec: Spec
+    data: Data
+    module: Any
+    init_params: Callable  # key -> params pytree
+    n_params: int
+    n_classes: int
+    input_shape: tuple
+    max_steps: int  # largest number of local steps any client takes
+
+
+class RunState(NamedTuple):
+    params: Any
+    server_opt_state: Any
+    agg_state: Any
+    malicious: jax.Array  # bool [n_clients], fixed per run
+    rounds_key: jax.Array
+    round: jax.Array  # int32 scalar
+
+
+class RoundMetrics(NamedTuple):
+    malicious_weight: jax.Array  # share of the aggregate from malicious clients
+    honest_weight: jax.Array  # share of the aggregate from honest clients
+    malicious_participants: jax.Array
+    update_norm: jax.Array
+    finite: jax.Array  # False once the aggregate is NaN/Inf (divergence)
+
+
+def _judge_indices(spec: Spec, labels: np.ndarray) -> np.ndarray:
+    if spec.judge_size == 0:
+        return np.zeros((0,), np.int64)
+    rng = np.random.default_rng(spec.partition_seed + 1)
+    pool = np.arange(len(labels))
+    if spec.judge_classes is not None:
+        pool = pool[np.isin(labels, spec.judge_classes)]
+    if len(pool) < spec.judge_size:
+        from fedsim.registry import ConfigError
+
+        raise ConfigError(f"judge.size {spec.judge_size} exceeds the {len(pool)} samples available")
+    return np.sort(rng.choice(pool, spec.judge_size, replace=False))
+
+
+def prepare(spec: Spec) -> Setup:
+    """Load and partition the data, put it on the device, build the model."""
+    ds = load(spec.dataset, spec.data_source, spec.data_dir)
+    parts = partition(
+        spec.partition, ds.y_train, spec.n_clients, spec.partition_seed, **thaw(spec.partition_kw)
+    )
+    idx, count = pack(parts)
+    judge = _judge_indices(spec, ds.y_train)
+    to_f = lambda x: jnp.asarray(x, jnp.float32) / 255.0
+    data = Data(
+        x=jnp.asarray(ds.x_train),
+        y=jnp.asarray(ds.y_train),
+        idx=jnp.asarray(idx),
+        count=jnp.asarray(count),
+        x_test=to_f(ds.x_test),
+        y_test=jnp.asarray(ds.y_test),
+        judge_x=to_f(ds.x_train[judge]),
+        judge_y=jnp.asarray(ds.y_train[judge]),
+    )
+    module = models.make(spec.model, ds.n_classes, **thaw(spec.model_kw))
+    sample = jnp.zeros((1, *ds.x_train.shape[1:]), jnp.float32)
+    init_params = lambda key: module.init(key, sample)["params"]
+    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps)
+    return Setup(
+        spec=spec,
+        data=data,
+        module=module,
+        init_params=init_params,
+        n_params=int(n_params),
+        n_classes=ds.n_classes,
+        input_shape=tuple(ds.x_train.shape[1:]),
+        max_steps=int(n_local_steps(local, count).max()),
+    )
+
+
+def _flat_unravel(setup: Setup):
+    """``unravel`` that works on traced arrays (ravel_pytree's closes over shapes only)."""
+    template = jax.eval_shape(setup.init_params, jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    sizes = [math.prod(x.shape) for x in leaves]
+    offsets = np.cumsum([0] + sizes)
+
+    def unravel(flat):
+        parts = [
+            flat[..., offsets[i] : offsets[i + 1]].reshape(*flat.shape[:-1], *leaf.shape)
+            for i, leaf in enumerate(leaves)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, parts)
+
+    def ravel_rows(tree):  # client-stacked pytree -> [m, d]
+        leaves_m = jax.tree_util.tree_leaves(tree)
+        return jnp.concatenate([x.reshape(x.shape[0], -1) for x in leaves_m], axis=1)
+
+    return unravel, ravel_rows
+
+
+def components(setup: Setup):
+    """The aggregator and attack of a Setup's Spec."""
+    spec = setup.spec
+    agg = aggregators.make(spec.aggregator, **thaw(spec.aggregator_kw))
+    attack_setup = AttackSetup(
+        rule=spec.aggregator,
+        rule_kw=spec.aggregator_kw,
+        n_classes=setup.n_classes,
+        input_shape=setup.input_shape,
+    )
+    fixed = accepted(attacks.REGISTRY.get(spec.attack), setup=attack_setup)
+    attack = attacks.make(spec.attack, **fixed, **thaw(spec.attack_kw))
+    return agg, attack
+
+
+def make_init(setup: Setup):
+    """``init(key, hparams) -> RunState`` for one run."""
+    spec = setup.spec
+    agg, _ = components(setup)
+    server_opt = lambda hp: make_optimizer(spec.server_optimizer, hp.server_lr, hp.server_momentum)
+
+    def init(key, hparams: HParams) -> RunState:
+        k_init, k_mal, k_rounds = jax.random.split(key, 3)
+        params = setup.init_params(k_init)
+        n_mal = jnp.round(hparams.attack_fraction * spec.n_clients).astype(jnp.int32)
+        order = jax.random.permutation(k_mal, spec.n_clients)
+        malicious = jnp.zeros(spec.n_clients, bool).at[order].set(jnp.arange(spec.n_clients) < n_mal)
+        flat, _ = ravel_pytree(params)
+        return RunState(
+            params=params,
+            server_opt_state=server_opt(hparams).init(params),
+            agg_state=agg.init(flat, spec.n_clients),
+            malicious=malicious,
+            rounds_key=k_rounds,
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    return init
+
+
+def make_round(setup: Setup):
+    """``round_step(state, hparams, data) -> (state, RoundMetrics)``: one whole round."""
+    spec = setup.spec
+    agg, attack = components(setup)
+    local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps, spec.client_optimizer)
+    unravel, ravel_rows = _flat_unravel(setup)
+    apply_fn = setup.module.apply
+    train_poisoned = make_local_train(apply_fn, local, poison=attack.poison)
+    train_clean = make_local_train(apply_fn, local)
+    client_axes = (None, None, None, 0, 0, None, 0, None, 0)
+
+    def flat_loss(flat, x, y):
+        logits = apply_fn({"params": unravel(flat)}, x)
+        return cross_entropy(logits, y, jnp.ones(y.shape[0], jnp.float32))
+
+    def round_step(state: RunState, hparams: HParams, data: Data):
+        TRACE_COUNT["round"] += 1
+        key = jax.random.fold_in(state.rounds_key, state.round)
+        k_sample, k_train, k_attack, k_agg = jax.random.split(key, 4)
+        m, n = spec.participants, spec.n_clients
+        clients = jnp.arange(n) if m == n else jax.random.choice(k_sample, n, (m,), replace=False)
+        count = data.count[clients]
+        weights = count.astype(jnp.float32)
+        is_mal = state.malicious[clients]
+        n_steps = jnp.max(n_local_steps(local, count))
+        client_keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(clients)
+        hp = {"lr": hparams.client_lr, "momentum": hparams.client_momentum, "attack": hparams.attack}
+        args = (data.x, data.y, data.idx[clients], count, n_steps, client_keys, hp)
+        trained = jax.vmap(train_poisoned, in_axes=client_axes)(state.params, *args, is_mal)
+        updates = ravel_rows(trained)
+        global_flat, _ = ravel_pytree(state.params)
+        has_judge = data.judge_x.shape[0] > 0
+        if attack.craft is not None:
+            benign = None
+            if attack.needs_benign:
+                clean = jax.vmap(train_clean, in_axes=client_axes)(state.params, *args, is_mal)
+                benign = ravel_rows(clean)
+            actx = AttackContext(
+                global_params=global_flat,
+                key=k_attack,
+                hparams=hparams.attack,
+                weights=weights,
+                benign_updates=benign,
+                agg_state=state.agg_state,
+                loss_fn=flat_loss,
+                proxy_x=data.judge_x if has_judge else None,
+                proxy_y=data.judge_y if has_judge else None,
+            )
+            updates = attack.craft(updates, is_mal, actx)
+        ctx = AggContext(
+            global_params=global_flat,
+            key=k_agg,
+            hparams=hparams.agg,
+            client_ids=clients,
+            loss_fn=flat_loss,
+            judge_x=data.judge_x if has_judge else None,
+            judge_y=data.judge_y if has_judge else None,
+        )
+        delta, agg_state, info = agg.aggregate(updates, weights, state.agg_state, ctx)
+        server_opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
+        grad = jax.tree.map(jnp.negative, unravel(delta))
+        step, opt_state = server_opt.update(grad, state.server_opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, step)
+        metrics = RoundMetrics(
+            malicious_weight=jnp.sum(jnp.where(is_mal, info.weight, 0.0)),
+            honest_weight=jnp.sum(jnp.where(is_mal, 0.0, info.weight)),
+            malicious_participants=jnp.sum(is_mal),
+            update_norm=jnp.linalg.norm(delta),
+            finite=jnp.all(jnp.isfinite(delta)),
+        )
+        new_state = RunState(params, opt_state, agg_state, state.malicious, state.rounds_key,
+                             state.round + 1)
+        return new_state, metrics
+
+    return round_step
+
+
+def make_evaluate(setup: Setup, eval_batch: int = 1000):
+    """``evaluate(params, data) -> dict`` of test accuracy, loss and attack success."""
+    _, attack = components(setup)
+    apply_fn = setup.module.apply
+
+    def predict(params, x):  # float32 [T, ...] -> logits [T, C], in batches
+        total = x.shape[0]
+        b = min(total, eval_batch)
+        k = -(-total // b)
+        pad = jnp.concatenate([x, jnp.zeros((k * b - total, *x.shape[1:]), x.dtype)])
+        logits = jax.lax.map(lambda xb: apply_fn({"params": params}, xb), pad.reshape(k, b, *x.shape[1:]))
+        return logits.reshape(k * b, -1)[:total]
+
+    def evaluate(params, data: Data):
+        logits = predict(params, data.x_test)
+        ones = jnp.ones(data.y_test.shape[0], jnp.float32)
+        out = {
+            "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == data.y_test),
+            "test_loss": cross_entropy(logits, data.y_test, ones),
+        }
+        if attack.success is not None:
+            out["attack_success_rate"] = attack.success(
+                lambda x: predict(params, x), data.x_test, data.y_test
+            )
+        return out
+
+    return evaluate
+
+
+def make_chunk(setup: Setup, n_rounds: int):
+    """``chunk(state, hparams, data) -> (state, metrics)``: scan ``n_rounds`` rounds, then
+    evaluate. Round metrics are averaged over the chunk (``finite``: all rounds)."""
+    round_step = make_round(setup)
+    evaluate = make_evaluate(setup)
+
+    def chunk(state, hparams, data):
+        body = lambda s, _: round_step(s, hparams, data)
+        state, per_round = jax.lax.scan(body, state, None, length=n_rounds)
+        metrics = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_round._asdict().items()}
+        metrics["finite"] = jnp.all(per_round.finite)
+        metrics.update(evaluate(state.params, data))
+        return state, metrics
+
+    return chunk
+
+
+def to_host(metrics: dict) -> dict:
+    """Device scalars -> JSON-friendly Python numbers (non-finite -> None)."""
+    out = {}
+    for k, v in metrics.items():
+        x = np.asarray(v).item()
+        out[k] = x if isinstance(x, bool) or math.isfinite(x) else None
+    return out
+
+
+def run(setup: Setup, hparams: HParams, seed: int, on_eval: Callable | None = None) -> list[dict]:
+    """Run one simulation; ``on_eval(record)`` is called on the host after each chunk with
+    ``{"round", "seconds", **metrics}``. Returns the list of records."""
+    spec = setup.spec
+    init = jax.jit(make_init(setup))
+    chunk_fns = {}
+    state = init(jax.random.PRNGKey(seed), hparams)
+    history, done, start = [], 0, time.perf_counter()
+    while done < spec.rounds:
+        n = min(spec.eval_every, spec.rounds - done)
+        if n not in chunk_fns:
+            chunk_fns[n] = jax.jit(make_chunk(setup, n), donate_argnums=0)
+        state, metrics = chunk_fns[n](state, hparams, setup.data)
+        done += n
+        record = {"round": done, **to_host(metrics), "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_eval is not None:
+            on_eval(record)
+    return history
