@@ -17,3 +17,8 @@ def make(name: str, **kw) -> Attack:
 def make_none() -> Attack:
     """No adversary: every client is honest."""
     return Attack()
+
+
+# Registration happens on import; these modules need REGISTRY defined above.
+from fedsim.attacks import data, strategic, untargeted  # noqa: E402, F401
+from fedsim.attacks.common import project_cosine, project_l2  # noqa: E402, F401

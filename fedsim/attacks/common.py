@@ -1,0 +1,265 @@
+"""Shared pieces of the attacks: option checking, masked statistics, projections.
+
+Conventions (all attacks):
+
+- ``updates`` is ``[n, d]`` float32, ``is_malicious`` ``[n]`` bool, ``ctx.weights`` ``[n]``;
+  a row with weight 0 is absent this round and enters no statistic. Statistics over a set
+  of rows are *unweighted* (each present row counts once, whatever its sample count).
+- The *pool* is what the adversary knows of benign behaviour: the present honest rows when
+  ``knowledge="omniscient"``, the present malicious rows' benign updates when
+  ``knowledge="partial"`` (``ctx.benign_updates`` if the engine computed them, else the
+  malicious rows of ``updates`` -- which are benign for attacks without a data poison).
+- Standard deviations use the unbiased estimate (ddof=1), as the reference
+  implementations of ALIE and of Shejwalkar & Houmansadr do; 0 when fewer than 2 rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedsim.registry import ConfigError
+from fedsim.types import AttackContext, AttackSetup
+
+Array = jax.Array
+
+# Rules whose reference point is the coordinate-wise median (strategic adversary).
+MEDIAN_RULES = frozenset({"median", "trimmed_mean", "bulyan", "meamed", "phocas"})
+# Rules judging updates by cosine similarity to a direction.
+COSINE_RULES = frozenset({"fltrust", "foolsgold"})
+# Rules whose reference is the previous aggregate, read from ctx.agg_state.
+PREVIOUS_AGGREGATE_RULES = frozenset({"centered_clipping"})
+KRUM_RULES = frozenset({"krum", "multi_krum"})
+
+
+# --------------------------------------------------------------------------- options
+
+
+class Opt(NamedTuple):
+    """One option: its default and a check returning an error text or ``None``."""
+
+    default: Any
+    check: Callable[[Any], str | None]
+
+
+def number(lo: float | None = None, hi: float | None = None, *, allow_none: bool = False):
+    """Check for a real number in ``[lo, hi]`` (``None`` allowed if ``allow_none``)."""
+
+    def check(v):
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"must be a number, got {v!r}"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}, got {v!r}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v!r}"
+        return None
+
+    return check
+
+
+def integer(lo: int = 0, *, allow_none: bool = False):
+    def check(v):
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            return f"must be an integer >= {lo}, got {v!r}"
+        return None
+
+    return check
+
+
+def choice(*allowed):
+    def check(v):
+        return None if v in allowed else f"must be one of {', '.join(map(str, allowed))}, got {v!r}"
+
+    return check
+
+
+def boolean(v):
+    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+def anything(v):
+    return None
+
+
+MODEL_POISONING_OPTS = {
+    "knowledge": Opt("omniscient", choice("omniscient", "partial")),
+    "knows_rule": Opt(True, boolean),
+}
+
+
+def parse(attack: str, kw: dict, spec: dict[str, Opt]) -> tuple[dict, AttackSetup]:
+    """Check ``kw`` against ``spec``; returns (options with defaults filled, setup).
+
+    Raises ``ConfigError`` with a one-line message on an unknown option or a bad value.
+    """
+    kw = dict(kw)
+    setup = kw.pop("setup", None) or AttackSetup()
+    unknown = sorted(set(kw) - set(spec))
+    if unknown:
+        raise ConfigError(
+            f"attack {attack!r}: unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(sorted(spec)) or 'none'}"
+        )
+    out = {}
+    for name, opt in spec.items():
+        value = kw.get(name, opt.default)
+        problem = opt.check(value)
+        if problem:
+            raise ConfigError(f"attack {attack!r}: option {name!r} {problem}")
+        out[name] = value
+    return out, setup
+
+
+def rule_kw(setup: AttackSetup) -> dict:
+    return dict(setup.rule_kw)
+
+
+# --------------------------------------------------------------------------- masks & stats
+
+
+def present(ctx: AttackContext) -> Array:
+    return ctx.weights > 0
+
+
+def pool(updates: Array, is_malicious: Array, ctx: AttackContext, knowledge: str):
+    """(rows [n, d], mask [n]) of the benign updates the adversary may use."""
+    here = present(ctx)
+    if knowledge == "omniscient":
+        return updates, here & ~is_malicious
+    benign = ctx.benign_updates if ctx.benign_updates is not None else updates
+    return benign, here & is_malicious
+
+
+def count(mask: Array) -> Array:
+    return jnp.sum(mask.astype(jnp.float32))
+
+
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of the rows of ``x`` [n, d] where ``mask``; zeros when none."""
+    m = mask.astype(x.dtype)
+    return (m @ x) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_std(x: Array, mask: Array) -> Array:
+    """Per-coordinate unbiased std of the masked rows; zeros when fewer than 2."""
+    m = mask.astype(x.dtype)
+    k = jnp.sum(m)
+    dev = (x - masked_mean(x, mask)) * m[:, None]
+    return jnp.sqrt(jnp.sum(dev * dev, axis=0) / jnp.maximum(k - 1.0, 1.0))
+
+
+def masked_median(x: Array, mask: Array) -> Array:
+    """Per-coordinate median of the masked rows (mean of the two middle ones if even)."""
+    k = jnp.sum(mask.astype(jnp.int32))
+    s = jnp.sort(jnp.where(mask[:, None], x, jnp.inf), axis=0)
+    lo = jnp.take(s, jnp.maximum((k - 1) // 2, 0), axis=0)
+    hi = jnp.take(s, jnp.maximum(k // 2, 0), axis=0)
+    med = 0.5 * (lo + hi)
+    return jnp.where(k > 0, med, jnp.zeros_like(med))
+
+
+def masked_max(x: Array, mask: Array) -> Array:
+    return jnp.max(jnp.where(mask[:, None], x, -jnp.inf), axis=0)
+
+
+def masked_min(x: Array, mask: Array) -> Array:
+    return jnp.min(jnp.where(mask[:, None], x, jnp.inf), axis=0)
+
+
+def pairwise_sq_dists(x: Array) -> Array:
+    """``[n, n]`` squared L2 distances via one Gram matrix, clamped at 0.
+
+    Callers centre ``x`` first (distances do not change) so the Gram trick keeps precision.
+    """
+    sq = jnp.sum(x * x, axis=1)
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+
+
+def spread(dists: Array, mask: Array, statistic: str) -> Array:
+    """``statistic`` (median | mean | max) of ``dists`` [n] over the masked rows."""
+    if statistic == "max":
+        return jnp.max(jnp.where(mask, dists, 0.0))
+    if statistic == "mean":
+        return masked_mean(dists[:, None], mask)[0]
+    return masked_median(dists[:, None], mask)[0]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def jitter(key: Array, u: Array, n: int, scale: Array) -> Array:
+    """``n`` copies of ``u`` [d], each plus i.i.d. N(0, (scale*|u|/sqrt(d))^2) noise.
+
+    The diversified (``collude=False``) form of attacks whose natural output is a single
+    vector: per-coordinate noise ``scale`` times the RMS coordinate of ``u``.
+    """
+    rms = jnp.linalg.norm(u) / jnp.sqrt(jnp.asarray(u.shape[-1], u.dtype))
+    noise = jax.random.normal(key, (n, u.shape[-1]), u.dtype)
+    return u[None, :] + scale * rms * noise
+
+
+def emit(updates: Array, is_malicious: Array, crafted: Array) -> Array:
+    """Malicious rows from ``crafted`` ([d] broadcast or [n, d]), honest rows unchanged."""
+    crafted = jnp.broadcast_to(crafted, updates.shape).astype(updates.dtype)
+    return jnp.where(is_malicious[:, None], crafted, updates)
+
+
+def single_or_jittered(updates, is_malicious, ctx, u, collude, scale):
+    """Send ``u`` from every malicious row, identical or jittered (see :func:`jitter`)."""
+    if collude:
+        return emit(updates, is_malicious, u)
+    return emit(updates, is_malicious, jitter(ctx.key, u, updates.shape[0], scale))
+
+
+# --------------------------------------------------------------------------- projections
+
+
+def project_l2(u: Array, center: Array, radius: Array) -> Array:
+    """Nearest point to ``u`` in the L2 ball ``|v - center| <= radius`` (``[..., d]``).
+
+    ``u`` is returned unchanged when already inside. Outside, the result lies on the ray
+    from ``center`` to ``u``, pulled in by a relative 1e-5 so that it stays inside the
+    ball once rounded to float32.
+    """
+    diff = u - center
+    dist = jnp.linalg.norm(diff, axis=-1, keepdims=True)
+    radius = jnp.maximum(jnp.asarray(radius, u.dtype), 0.0)
+    factor = radius * (1.0 - 1e-5) / jnp.where(dist > 0, dist, 1.0)
+    return jnp.where(dist <= radius, u, center + diff * factor)
+
+
+def _unit(v: Array) -> Array:
+    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    return v / jnp.where(norm > 0, norm, 1.0)
+
+
+def project_cosine(u: Array, direction: Array, min_cos: Array) -> Array:
+    """Nearest vector of the same norm as ``u`` whose cosine with ``direction`` >= min_cos.
+
+    Shapes ``[d]`` (vmap for batches). When ``cos(u, direction) >= min_cos`` ``u`` is
+    returned unchanged; otherwise ``u`` is rotated towards ``direction`` in the plane they
+    span until the angle is ``arccos(min_cos)`` (minus a 1e-6 margin so float32 rounding
+    keeps it inside). Cosine-judging rules (FLTrust rescales every update to the root
+    update's norm) only see the direction, so keeping the norm loses the adversary nothing.
+    If ``u`` is (anti)parallel to ``direction`` the rotation plane uses the coordinate axis
+    least aligned with ``direction``.
+    """
+    min_cos = jnp.clip(jnp.asarray(min_cos, u.dtype), -1.0, 1.0)
+    e1 = _unit(direction)
+    norm_u = jnp.linalg.norm(u)
+    cos = jnp.dot(u, e1) / jnp.where(norm_u > 0, norm_u, 1.0)
+    ortho = u - jnp.dot(u, e1) * e1
+    axis = jax.nn.one_hot(jnp.argmin(jnp.abs(e1)), u.shape[-1], dtype=u.dtype)
+    fallback = axis - jnp.dot(axis, e1) * e1
+    degenerate = jnp.linalg.norm(ortho) <= 1e-6 * jnp.maximum(norm_u, 1e-30)
+    e2 = _unit(jnp.where(degenerate, fallback, ortho))
+    angle = jnp.clip(jnp.arccos(min_cos) - 1e-6, 0.0, jnp.pi)
+    rotated = norm_u * (jnp.cos(angle) * e1 + jnp.sin(angle) * e2)
+    return jnp.where(cos >= min_cos, u, rotated)

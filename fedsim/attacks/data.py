@@ -1,0 +1,207 @@
+"""Data-poisoning attacks (and the goals of the strategic adversaries).
+
+Each poisons the first ``round(poison_fraction * b)`` examples of a malicious client's
+batch ``x [b, ...]`` float32 in [0, 1], ``y [b]`` int32 (batches are shuffled by the
+engine, so "the first k" is a random subset of size exactly k; a traced fraction changes
+no shape). ``success(predict, x, y)`` is the attack success rate on the test set.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedsim.attacks import REGISTRY
+from fedsim.attacks.common import Opt, choice, integer, number, parse
+from fedsim.registry import ConfigError
+from fedsim.types import Attack
+
+
+def _first_k(b: int, fraction) -> jnp.ndarray:
+    return jnp.arange(b) < jnp.round(jnp.asarray(fraction, jnp.float32) * b)
+
+
+def _check_classes(attack: str, n_classes: int, **labels) -> None:
+    if n_classes < 2:
+        raise ConfigError(f"attack {attack!r} needs a classification task (n_classes >= 2)")
+    for name, value in labels.items():
+        if value is not None and not 0 <= value < n_classes:
+            raise ConfigError(
+                f"attack {attack!r}: option {name!r} must be a class in [0, {n_classes - 1}], "
+                f"got {value!r}"
+            )
+
+
+def _hit_rate(predict, x, target, relevant) -> jnp.ndarray:
+    """Fraction of ``relevant`` test inputs ``x`` predicted as ``target`` ([t] or scalar)."""
+    hit = (jnp.argmax(predict(x), axis=-1) == target) & relevant
+    total = jnp.sum(relevant)
+    return jnp.where(total > 0, jnp.sum(hit) / jnp.maximum(total, 1), 0.0)
+
+
+FRACTION = Opt(1.0, number(0.0, 1.0))
+
+
+@REGISTRY.register("label_flip", traced=("poison_fraction",))
+def make_label_flip(**kw) -> Attack:
+    """Label flipping: ``y -> C-1-y`` for every class, or ``source -> target`` only.
+
+    Options: ``source``/``target`` (ints, both or neither), ``poison_fraction`` (traced,
+    default 1). Success: fraction of test inputs predicted as their flipped label (of the
+    ``source`` class only when given).
+    """
+    o, setup = parse(
+        "label_flip",
+        kw,
+        {
+            "source": Opt(None, integer(0, allow_none=True)),
+            "target": Opt(None, integer(0, allow_none=True)),
+            "poison_fraction": FRACTION,
+        },
+    )
+    source, target, c = o["source"], o["target"], setup.n_classes
+    if (source is None) != (target is None):
+        raise ConfigError("attack 'label_flip': give both 'source' and 'target', or neither")
+    _check_classes("label_flip", c, source=source, target=target)
+
+    def flip(y):
+        if source is None:
+            return c - 1 - y
+        return jnp.where(y == source, target, y)
+
+    def poison(x, y, key, hparams):
+        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+        return x, jnp.where(chosen, flip(y), y).astype(y.dtype)
+
+    def success(predict, x, y):
+        relevant = jnp.ones_like(y, bool) if source is None else y == source
+        return _hit_rate(predict, x, flip(y), relevant)
+
+    return Attack(poison=poison, success=success)
+
+
+@REGISTRY.register("targeted", traced=("poison_fraction",))
+def make_targeted(**kw) -> Attack:
+    """Targeted misclassification: relabel ``source``-class examples as ``target``.
+
+    Options: ``source`` (default 1), ``target`` (default 7, or C-1 when C <= 7),
+    ``poison_fraction`` (traced, default 1). Success: fraction of the test inputs of class
+    ``source`` predicted as ``target``.
+    """
+    o, setup = parse(
+        "targeted",
+        kw,
+        {
+            "source": Opt(1, integer(0)),
+            "target": Opt(None, integer(0, allow_none=True)),
+            "poison_fraction": FRACTION,
+        },
+    )
+    c = setup.n_classes
+    source = o["source"]
+    target = o["target"] if o["target"] is not None else (7 if c > 7 else c - 1)
+    _check_classes("targeted", c, source=source, target=target)
+    if source == target:
+        raise ConfigError("attack 'targeted': 'source' and 'target' must differ")
+
+    def poison(x, y, key, hparams):
+        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+        return x, jnp.where(chosen & (y == source), target, y).astype(y.dtype)
+
+    def success(predict, x, y):
+        return _hit_rate(predict, x, target, y == source)
+
+    return Attack(poison=poison, success=success)
+
+
+def trigger_mask(shape: tuple, pattern: str, size: int, corner: str) -> np.ndarray:
+    """Boolean mask of one example's ``shape`` ([H, W, C], [H, W] or [F]) set by the trigger.
+
+    Images: a ``size x size`` filled square, or a plus of arm length ``size // 2`` through
+    the square's centre, in ``corner`` one pixel from the border, on every channel.
+    Vectors ([F]): the ``size`` features at the end (``bottom_right``) or start (others).
+    """
+    mask = np.zeros(shape, bool)
+    if len(shape) == 1:
+        size = min(size, shape[0])
+        if corner == "bottom_right":
+            mask[shape[0] - size :] = True
+        else:
+            mask[:size] = True
+        return mask
+    h, w = shape[0], shape[1]
+    size = max(1, min(size, h - 2, w - 2))
+    top = h - 1 - size if corner.startswith("bottom") else 1
+    left = w - 1 - size if corner.endswith("right") else 1
+    patch = np.zeros((size, size), bool)
+    if pattern == "square":
+        patch[:] = True
+    else:
+        mid = size // 2
+        patch[mid, :] = True
+        patch[:, mid] = True
+    mask[top : top + size, left : left + size, ...] = patch.reshape(
+        patch.shape + (1,) * (len(shape) - 2)
+    )
+    return mask
+
+
+@REGISTRY.register("backdoor", traced=("poison_fraction",))
+def make_backdoor(**kw) -> Attack:
+    """BadNets backdoor (Gu et al. 2017): stamp a pixel trigger and relabel as ``target``.
+
+    Options: ``target`` (default 0), ``pattern`` (square | plus, default square), ``size``
+    (default 3 pixels), ``corner`` (bottom_right | bottom_left | top_right | top_left),
+    ``value`` (trigger intensity, default 1.0), ``poison_fraction`` (traced, default 0.5).
+    Success: triggered test inputs whose true label is not ``target`` classified as it.
+    """
+    o, setup = parse(
+        "backdoor",
+        kw,
+        {
+            "target": Opt(0, integer(0)),
+            "pattern": Opt("square", choice("square", "plus")),
+            "size": Opt(3, integer(1)),
+            "corner": Opt(
+                "bottom_right", choice("bottom_right", "bottom_left", "top_right", "top_left")
+            ),
+            "value": Opt(1.0, number()),
+            "poison_fraction": Opt(0.5, number(0.0, 1.0)),
+        },
+    )
+    target = o["target"]
+    _check_classes("backdoor", setup.n_classes, target=target)
+
+    def stamp(x):
+        mask = jnp.asarray(trigger_mask(x.shape[1:], o["pattern"], o["size"], o["corner"]))
+        return jnp.where(mask, jnp.asarray(o["value"], x.dtype), x)
+
+    def poison(x, y, key, hparams):
+        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+        bx = chosen.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(bx, stamp(x), x), jnp.where(chosen, target, y).astype(y.dtype)
+
+    def success(predict, x, y):
+        return _hit_rate(predict, stamp(x), target, y != target)
+
+    return Attack(poison=poison, success=success)
+
+
+GOALS = ("label_flip", "targeted", "backdoor")
+
+
+def make_goal(goal, setup) -> Attack:
+    """Build a goal given as a name or a ``{name: ..., **options}`` mapping."""
+    if isinstance(goal, str):
+        name, options = goal, {}
+    elif isinstance(goal, dict) and "name" in goal:
+        options = dict(goal)
+        name = options.pop("name")
+    else:
+        raise ConfigError(
+            f"option 'goal' must be a name or {{name: ..., ...}} with name one of "
+            f"{', '.join(GOALS)}, got {goal!r}"
+        )
+    if name not in GOALS:
+        raise ConfigError(f"option 'goal': unknown goal {name!r}; choose one of {', '.join(GOALS)}")
+    return REGISTRY.make(name, setup=setup, **options)
