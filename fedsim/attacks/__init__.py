@@ -14,8 +14,11 @@ def make(name: str, **kw) -> Attack:
 
 
 @REGISTRY.register("none")
-def make_none() -> Attack:
-    """No adversary: every client is honest."""
+def make_none(**kw) -> Attack:
+    """No adversary: every client is honest. Takes no option (besides the engine's setup)."""
+    from fedsim.attacks.common import parse
+
+    parse("none", kw, {})
     return Attack()
 
 
