@@ -1,0 +1,232 @@
+"""Kernels shared by the rules: presence masks, pairwise distances, exact order statistics.
+
+Order statistics use an exact radix select instead of a sort. Each float32 is mapped to a
+``uint32`` key whose unsigned order is the float order (NaN and absent rows map to the
+largest key, so they sort last). The k-th smallest key of a column is then found bit by
+bit, most significant first: 32 passes, each a compare-and-count over the rows. Columns
+are processed in blocks (``lax.fori_loop`` over column blocks) so one block of the
+``[n, d]`` matrix stays in cache during its 32 passes. Ranks may be traced (they depend
+on the number of present clients), which a static ``lax.top_k`` could not offer.
+
+Conventions shared by the coordinate-wise rules (median, trimmed mean, MeaMed, Bulyan):
+values are compared as floats (``-0.0 == 0.0``); a value tied with others at a selected
+rank shares that rank's share equally among the tied clients, so results and per-client
+weights do not depend on row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fedsim.registry import ConfigError
+
+BLOCK = 512  # columns per block: a [1000, 512] block of keys is 2 MB
+_TOP = jnp.uint32(0xFFFFFFFF)
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise a one-line ``ConfigError`` when a static setting is invalid."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def present_mask(weights: jax.Array) -> jax.Array:
+    """``[n]`` bool: rows whose weight is positive (absent rows have weight 0)."""
+    return weights > 0
+
+
+def finite_rows(updates: jax.Array) -> jax.Array:
+    """``[n]`` bool: rows with only finite entries."""
+    return jnp.all(jnp.isfinite(updates), axis=1)
+
+
+def safe_div(a, b):
+    """``a / b`` where ``b != 0``, else 0."""
+    return jnp.where(b != 0, a / jnp.where(b != 0, b, 1), 0)
+
+
+def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
+    """``[n, n]`` squared L2 distances from one Gram matrix, clamped at 0.
+
+    Rows where ``ok`` is False (absent or non-finite) are infinitely far from every row,
+    themselves included; they are zeroed before the product so they cannot spread NaN.
+    """
+    x = jnp.where(ok[:, None], updates, 0)
+    sq = jnp.sum(x * x, axis=1)
+    gram = jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
+    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
+    both = ok[:, None] & ok[None, :]
+    dist = jnp.where(both, dist, jnp.inf)
+    return dist.at[jnp.diag_indices_from(dist)].set(jnp.where(ok, 0.0, jnp.inf))
+
+
+def sum_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
+    """Per row, the sum of the ``k`` (traced) smallest entries of ``values [n, m]``."""
+    srt = jnp.sort(values, axis=1)
+    return jnp.sum(jnp.where(jnp.arange(values.shape[1]) < k, srt, 0), axis=1)
+
+
+def ranks(scores: jax.Array) -> jax.Array:
+    """``[n]`` int: position of each score in ascending order (ties by index)."""
+    order = jnp.argsort(scores, stable=True)
+    return jnp.zeros_like(order).at[order].set(jnp.arange(scores.shape[0]))
+
+
+# --- radix select -------------------------------------------------------------------------
+
+
+def to_keys(x: jax.Array, present: jax.Array) -> jax.Array:
+    """Order-preserving ``uint32`` view of float32 ``x``; NaN and absent rows -> max key."""
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)  # one key for -0.0 and 0.0
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    return jnp.where(jnp.isnan(x) | ~present[:, None], _TOP, keys)
+
+
+def from_keys(keys: jax.Array) -> jax.Array:
+    """Inverse of ``to_keys`` (the max key decodes to NaN)."""
+    bits = jnp.where(keys >> 31 == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
+    """``[r, B]`` keys of the ``rank[j]``-th smallest (0-based) in each column of ``keys``.
+
+    ``keys [n, B]`` uint32, ``rank [r]`` int (traced). Builds the answer bit by bit: the
+    smallest key ``v`` with ``count(keys <= v) > rank``.
+    """
+    # int16 counts vectorise twice as wide as int32; enough below 32767 rows
+    count_type = jnp.int16 if keys.shape[0] < 32767 else jnp.int32
+    need = rank.astype(count_type)[:, None] + 1
+    found = jnp.zeros((rank.shape[0], keys.shape[1]), jnp.uint32)
+    for bit in range(31, -1, -1):
+        low = jnp.uint32((1 << bit) - 1)
+        count = jnp.sum(keys[None] <= (found | low)[:, None, :], axis=1, dtype=count_type)
+        found = jnp.where(count >= need, found, found | jnp.uint32(1 << bit))
+    return found
+
+
+def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
+    """``[r, B]`` float: the ``rank``-th smallest present value of each column of x."""
+    return from_keys(select_keys(to_keys(x, present), rank))
+
+
+def by_column_blocks(
+    fn: Callable, x: jax.Array, n_out: int, block: int = BLOCK
+) -> tuple[jax.Array, jax.Array]:
+    """Apply ``fn(x_block [n, B], fresh [B] bool) -> (out [n_out, B], per_row [n])``.
+
+    Returns ``(out [n_out, d], sum of per_row over blocks [n])``. The last block is
+    shifted left to fit (``dynamic_slice`` clamps), so some columns are computed twice;
+    ``fresh`` marks the columns a block is the first to cover, so that per-row sums count
+    each column once.
+    """
+    n, d = x.shape
+    block = min(block, d)
+    n_blocks = -(-d // block)
+
+    def body(j, carry):
+        out, acc = carry
+        start = jnp.minimum(j * block, d - block)
+        xb = lax.dynamic_slice_in_dim(x, start, block, axis=1)
+        fresh = start + jnp.arange(block) >= j * block
+        ob, rb = fn(xb, fresh)
+        return lax.dynamic_update_slice_in_dim(out, ob.astype(out.dtype), start, 1), acc + rb
+
+    init = (jnp.zeros((n_out, d), x.dtype), jnp.zeros((n,), x.dtype))
+    if n_blocks == 1:
+        return body(0, init)
+    return lax.fori_loop(0, n_blocks, body, init)
+
+
+# --- coordinate-wise kernels on one block -------------------------------------------------
+
+
+def tie_share(x, present, value, share):
+    """``[n, B]`` weight: ``share [B]`` split equally among present rows equal to value."""
+    eq = present[:, None] & (x == value[None])
+    count = jnp.sum(eq, axis=0)
+    return jnp.where(eq, safe_div(share, count)[None], 0)
+
+
+def median_block(x, present, m):
+    """Coordinate-wise median of the present rows: mean of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋.
+
+    One radix select finds the lower middle value; the upper one is either the same value
+    (enough copies) or the smallest value above it. Returns ``(median [B], weight [n, B])``,
+    weight = each row's share of the median.
+    """
+    (lo,) = select(x, present, ((m - 1) // 2)[None])
+    p = present[:, None]
+    enough = jnp.sum(p & (x <= lo), axis=0) >= m // 2 + 1
+    hi = jnp.where(enough, lo, jnp.min(jnp.where(p & (x > lo), x, jnp.inf), axis=0))
+    half = jnp.full_like(lo, 0.5)
+    weight = tie_share(x, present, lo, half) + tie_share(x, present, hi, half)
+    return jnp.where(enough, lo, (lo + hi) / 2), weight
+
+
+def trimmed_block(x, present, m, k):
+    """Mean of the present values ranked ``k .. m-1-k`` per column.
+
+    Ties at the cut values share the kept copies equally. Returns ``(mean [B],
+    weight [n, B])``.
+    """
+    lo, hi = select(x, present, jnp.stack([k, m - 1 - k]))
+    kept = (m - 2 * k).astype(x.dtype)
+    p = present[:, None]
+    inside = p & (x > lo) & (x < hi)
+    n_lo = jnp.sum(p & (x <= lo), axis=0) - k  # copies of lo that are kept
+    n_hi = (m - k) - jnp.sum(p & (x < hi), axis=0)
+    same = lo == hi
+    n_lo = jnp.where(same, kept, n_lo)
+    n_hi = jnp.where(same, 0, n_hi)
+    total = (
+        jnp.sum(jnp.where(inside, x, 0), axis=0)
+        + jnp.where(n_lo > 0, lo * n_lo, 0)
+        + jnp.where(n_hi > 0, hi * n_hi, 0)
+    )
+    weight = (
+        jnp.where(inside, 1.0, 0.0)
+        + tie_share(x, present, lo, n_lo.astype(x.dtype))
+        + tie_share(x, present, hi, n_hi.astype(x.dtype))
+    )
+    return total / kept, weight / kept
+
+
+def closest_block(x, present, center, q):
+    """Mean of the ``q`` present values closest to ``center [B]`` in each column.
+
+    Values tied at the cut distance enter through their average, scaled to the number of
+    places left, so the result does not depend on row order. Returns ``(mean [B],
+    weight [n, B])``.
+    """
+    dist = jnp.abs(x - center[None])
+    (cut,) = select(dist, present, q[None] - 1)
+    p = present[:, None]
+    inside = p & (dist < cut)
+    tie = p & (dist == cut)
+    left = (q - jnp.sum(inside, axis=0)).astype(x.dtype)
+    n_tie = jnp.sum(tie, axis=0)
+    tie_mean = safe_div(jnp.sum(jnp.where(tie, x, 0), axis=0), n_tie)
+    total = jnp.sum(jnp.where(inside, x, 0), axis=0) + jnp.where(left > 0, left * tie_mean, 0)
+    qf = q.astype(x.dtype)
+    weight = jnp.where(inside, 1.0, 0.0) + jnp.where(tie, safe_div(left, n_tie)[None], 0)
+    return total / qf, weight / qf
+
+
+def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: int = BLOCK):
+    """Run ``block_fn(x_block, present) -> (out [B], weight [n, B])`` over column blocks.
+
+    Returns ``(out [d], weight [n])`` where weight is averaged over the d coordinates.
+    """
+
+    def fn(xb, fresh):
+        out, weight = block_fn(xb, present)
+        return out[None], jnp.sum(jnp.where(fresh[None], weight, 0), axis=1)
+
+    out, weight = by_column_blocks(fn, x, 1, block)
+    return out[0], weight / x.shape[1]

@@ -1,0 +1,168 @@
+"""Behaviour-based rules: they judge updates by their effect on a loss on the judge's data.
+
+They need from ``AggContext``: ``loss_fn(flat_params [d], x, y) -> scalar``, ``judge_x``,
+``judge_y`` and ``global_params``. A rule traced without them raises a one-line
+``ConfigError`` naming what is missing. Updates are deltas (local minus global params), so
+the model a client proposes is ``global_params + update``. Weights act as a presence mask
+(see ``distance``); non-finite rows are always rejected.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fedsim.aggregators import REGISTRY, _no_state, make, normalized
+from fedsim.aggregators import _ops as ops
+from fedsim.registry import ConfigError
+from fedsim.types import AggContext, AggInfo, Aggregator
+
+
+def require_judge(name: str, ctx: AggContext | None) -> None:
+    """Raise a ``ConfigError`` if ``ctx`` lacks what a behaviour-based rule needs."""
+    missing = [
+        field
+        for field in ("loss_fn", "judge_x", "judge_y")
+        if ctx is None or getattr(ctx, field) is None
+    ]
+    if missing:
+        raise ConfigError(f"{name} is behaviour-based and needs ctx.{', ctx.'.join(missing)}")
+
+
+def _bad_last(scores, ok):
+    """Scores with rejected rows (absent, non-finite, NaN score) pushed to -inf."""
+    return jnp.where(ok & ~jnp.isnan(scores), scores, -jnp.inf)
+
+
+@REGISTRY.register("fltrust", traced=("root_lr",))
+def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
+    """FLTrust (Cao, Fang, Liu & Gong 2021, NDSS).
+
+    Root update ``g0``: ``steps`` (static) full-batch gradient steps of the judge on
+    ``(judge_x, judge_y)`` from the global params, lr traced (``hparams["root_lr"]``),
+    minus the global params. Trust ``TS_i = ReLU(cos(x_i, g0))``; each update is rescaled
+    to ``|g0|``; output ``Σ TS_i (|g0|/|x_i|) x_i / Σ TS_i``. AggInfo.weight: the coefficient
+    of each row as sent, ``TS_i / Σ TS · |g0| / |x_i|`` (so it need not sum to 1).
+    """
+    ops.check(steps >= 1, f"fltrust: steps must be >= 1, got {steps}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        require_judge("fltrust", ctx)
+        lr = ctx.hparams.get("root_lr", root_lr)
+        grad = jax.grad(ctx.loss_fn)
+        p = ctx.global_params
+        for _ in range(steps):
+            p = p - lr * grad(p, ctx.judge_x, ctx.judge_y)
+        root = (p - ctx.global_params).astype(updates.dtype)
+        ok = ops.present_mask(weights) & ops.finite_rows(updates)
+        x = jnp.where(ok[:, None], updates, 0)
+        norms = jnp.linalg.norm(x, axis=1)
+        root_norm = jnp.linalg.norm(root)
+        cos = ops.safe_div(x @ root, norms * root_norm)
+        trust = jnp.where(ok, jax.nn.relu(cos), 0)
+        coef = normalized(trust) * ops.safe_div(root_norm, norms)
+        return coef @ x, state, AggInfo(weight=coef)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def proposed_losses(metric, updates, ok, ctx):
+    """``[n]`` metric of the model ``global + update_i`` on the judge's data."""
+    x = jnp.where(ok[:, None], updates, 0)
+    return jax.vmap(lambda u: metric(ctx.global_params + u, ctx.judge_x, ctx.judge_y))(x)
+
+
+@REGISTRY.register("zeno", traced=("rho", "gamma"))
+def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
+    """Zeno (Xie, Koyejo & Gupta 2019, ICML).
+
+    Stochastic descendant score on the judge's batch, for an update (delta) ``u``:
+    ``L(w) - L(w + γ u) - ρ |u|²`` (the paper's gradient step ``w - γ g`` written for
+    deltas); γ, ρ traced. The ``b`` (static) lowest-scoring present rows are dropped (at
+    least one kept) and the rest averaged uniformly. AggInfo.weight: ``1/kept`` each.
+    """
+    ops.check(b >= 0, f"zeno: b must be >= 0, got {b}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        require_judge("zeno", ctx)
+        g = ctx.hparams.get("gamma", gamma)
+        r = ctx.hparams.get("rho", rho)
+        present = ops.present_mask(weights)
+        ok = present & ops.finite_rows(updates)
+        base = ctx.loss_fn(ctx.global_params, ctx.judge_x, ctx.judge_y)
+        losses = proposed_losses(ctx.loss_fn, g * updates, ok, ctx)
+        sq = jnp.sum(jnp.where(ok[:, None], updates, 0) ** 2, axis=1)
+        scores = _bad_last(base - losses - r * sq, ok)
+        keep = jnp.maximum(jnp.sum(present) - b, 1)
+        chosen = ok & (ops.ranks(-scores) < keep)
+        share = normalized(chosen.astype(updates.dtype))
+        return share @ jnp.where(chosen[:, None], updates, 0), state, AggInfo(weight=share)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
+    """Fang et al. 2020's LRR / ERR around the rule ``base``.
+
+    For each present row ``i``: ``impact_i = M(w + A(all)) - M(w + A(all but i))`` with
+    ``M`` the metric on the judge's data and ``A`` the base rule (``all but i`` = weight 0).
+    The ``f`` rows with the largest impact (the ones whose inclusion hurts most) are
+    removed, and the base rule aggregates the rest.
+    """
+    ops.check(f >= 0, f"{name}: f must be >= 0, got {f}")
+    inner = make(base, **base_kw)
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        require_judge(name, ctx)
+        metric = metric_of(ctx)
+        n = updates.shape[0]
+        present = ops.present_mask(weights)
+        ok = present & ops.finite_rows(updates)
+        w = jnp.where(ok, weights, 0)
+
+        def run(wts):
+            return inner.aggregate(updates, wts, state, ctx)[0]
+
+        def score(agg):
+            return metric(ctx.global_params + agg, ctx.judge_x, ctx.judge_y)
+
+        with_all = score(run(w))
+        without = jax.vmap(lambda i: score(run(w.at[i].set(0))))(jnp.arange(n))
+        impact = _bad_last(with_all - without, ok)
+        # rank by impact descending among usable rows; non-finite rows are dropped anyway
+        drop = ops.ranks(-jnp.where(ok, impact, -jnp.inf)) < f
+        kept = jnp.where(ok & ~drop, w, 0)
+        out, state, info = inner.aggregate(updates, kept, state, ctx)
+        return out, state, info
+
+    return Aggregator(init=inner.init, aggregate=aggregate)
+
+
+@REGISTRY.register("loss_rejection")
+def make_loss_rejection(f: int = 0, base: str = "mean", **base_kw) -> Aggregator:
+    """Loss-based rejection, LRR (Fang, Cao, Jia & Gong 2020, "Local model poisoning
+    attacks to Byzantine-robust federated learning"): remove the ``f`` updates whose
+    inclusion in the ``base`` rule (default ``mean``; its options in ``base_kw``) raises
+    the judge's loss the most, then aggregate the rest with ``base``. AggInfo.weight: the
+    base rule's, zero for removed clients.
+    """
+    return _make_rejection("loss_rejection", f, base, lambda ctx: ctx.loss_fn, base_kw)
+
+
+@REGISTRY.register("error_rejection")
+def make_error_rejection(f: int = 0, base: str = "mean", error_fn=None, **base_kw) -> Aggregator:
+    """Error-based rejection, ERR (Fang et al. 2020): as ``loss_rejection`` with the error
+    rate in place of the loss.
+
+    The error rate comes from ``error_fn(flat_params [d], x, y) -> scalar`` given to the
+    factory, else from ``ctx.error_fn`` if the context carries one; without either, a
+    ``ConfigError``.
+    """
+
+    def metric_of(ctx):
+        fn = error_fn or getattr(ctx, "error_fn", None)
+        if fn is None:
+            raise ConfigError("error_rejection needs error_fn= (factory option) or ctx.error_fn")
+        return fn
+
+    return _make_rejection("error_rejection", f, base, metric_of, base_kw)

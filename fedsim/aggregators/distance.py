@@ -1,0 +1,490 @@
+"""Distance-based rules: they compare updates with each other or with a reference point.
+
+Conventions common to these rules (each docstring adds its own):
+
+- ``weights``: a row with weight 0 is absent and ignored exactly as if removed. Unless a
+  docstring says otherwise, a robust rule uses the weights only as a presence mask: every
+  present client counts once (the papers assume equal weights, and letting a client's
+  claimed sample count weigh in a robust statistic would hand attackers a lever). ``mean``,
+  ``norm_bound`` and ``geometric_median`` (RFA's α) use the weight values.
+- ``m`` is the number of present rows, computed in-graph; ``f`` (a static factory option)
+  is the number of Byzantine clients the defence assumes. Bounds such as Krum's
+  ``n > 2f + 2`` are checked statically against the number of rows ``n`` when the rule is
+  first traced; counts derived from ``m`` (Krum's ``m - f - 2`` neighbours, ...) are
+  clamped to stay at least 1 when fewer clients are present.
+- Non-finite rows (any NaN/Inf entry) are treated as infinitely far from everything:
+  distance-based selections never pick them while enough finite rows remain, and order
+  statistics sort NaN last (±Inf sort at their ends), so up to ``f`` such rows cannot
+  poison a rule that tolerates ``f``.
+- ``AggInfo.weight``: each client's contribution to the aggregate (see ``fedsim.types``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fedsim.aggregators import REGISTRY, _no_state, normalized
+from fedsim.aggregators import _ops as ops
+from fedsim.types import AggContext, AggInfo, Aggregator
+
+
+def _count(present):
+    return jnp.sum(present).astype(jnp.int32)
+
+
+# --- coordinate-wise order statistics -----------------------------------------------------
+
+
+@REGISTRY.register("median")
+def make_median() -> Aggregator:
+    """Coordinate-wise median (Yin et al. 2018, "Byzantine-robust distributed learning").
+
+    Per coordinate, the median of the present clients' values; for an even count, the mean
+    of the two middle values. AggInfo.weight: per coordinate the median's value(s) give
+    share 1 (½ each when two middle values differ), split equally among tied clients;
+    averaged over coordinates. NaN sorts last.
+    """
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        present = ops.present_mask(weights)
+        m = _count(present)
+        out, w = ops.coordinatewise(lambda xb, p: ops.median_block(xb, p, m), updates, present)
+        return out, state, AggInfo(weight=w)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+@REGISTRY.register("trimmed_mean", traced=("beta",))
+def make_trimmed_mean(beta: float = 0.1) -> Aggregator:
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018).
+
+    Per coordinate, drop the ``k = ⌊β m⌋`` largest and ``k`` smallest present values and
+    average the ``m - 2k`` left. ``beta`` (per side, traced, ``hparams["beta"]``) must be
+    below 1/2; ``k`` is clamped to ``⌊(m-1)/2⌋``. AggInfo.weight: per coordinate ``1/(m-2k)``
+    for each kept value (copies tied at a cut share the kept places), averaged over
+    coordinates.
+    """
+    ops.check(0 <= beta < 0.5, f"trimmed_mean: beta must be in [0, 0.5), got {beta}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        present = ops.present_mask(weights)
+        m = _count(present)
+        b = ctx.hparams.get("beta", beta)
+        k = jnp.clip(jnp.floor(b * m).astype(jnp.int32), 0, jnp.maximum(m - 1, 0) // 2)
+        out, w = ops.coordinatewise(lambda xb, p: ops.trimmed_block(xb, p, m, k), updates, present)
+        return out, state, AggInfo(weight=w)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+@REGISTRY.register("meamed")
+def make_meamed(f: int = 0) -> Aggregator:
+    """Mean around the median, MeaMed (Xie, Koyejo & Gupta 2018, "Generalized
+    Byzantine-tolerant SGD").
+
+    Per coordinate, the mean of the ``m - f`` present values closest to the coordinate-wise
+    median. Values tied at the cut distance enter through their average (order-free).
+    Needs ``n > 2f``. AggInfo.weight: ``1/(m-f)`` per kept value, averaged over coordinates.
+    """
+    ops.check(f >= 0, f"meamed: f must be >= 0, got {f}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        n = updates.shape[0]
+        ops.check(n > 2 * f, f"meamed: needs n > 2f (n={n}, f={f})")
+        present = ops.present_mask(weights)
+        m = _count(present)
+        q = jnp.maximum(m - f, 1)
+
+        def block(xb, p):
+            med, _ = ops.median_block(xb, p, m)
+            return ops.closest_block(xb, p, med, q)
+
+        out, w = ops.coordinatewise(block, updates, present)
+        return out, state, AggInfo(weight=w)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+# --- Krum family --------------------------------------------------------------------------
+
+
+def krum_scores(updates, present, f):
+    """Krum scores (Blanchard et al. 2017): for each row, the sum of squared distances to
+    its ``m - f - 2`` nearest other present rows (at least 1). Absent or non-finite rows
+    score +inf."""
+    ok = present & ops.finite_rows(updates)
+    dist = ops.pairwise_sq_dists(updates, ok)
+    others = jnp.where(jnp.eye(dist.shape[0], dtype=bool), jnp.inf, dist)
+    k = jnp.maximum(_count(present) - f - 2, 1)
+    return jnp.where(ok, ops.sum_smallest(others, k), jnp.inf)
+
+
+def _check_krum(name, n, f):
+    ops.check(n > 2 * f + 2, f"{name}: needs n > 2f + 2 (n={n}, f={f})")
+
+
+@REGISTRY.register("krum")
+def make_krum(f: int = 0) -> Aggregator:
+    """Krum (Blanchard et al. 2017): the present update with the lowest Krum score.
+
+    Score = sum of squared L2 distances to the ``m - f - 2`` nearest other present updates
+    (the paper's count; some libraries use ``m - f - 1``). Needs ``n > 2f + 2``. Ties go to
+    the lowest row index. AggInfo.weight: one-hot on the selected client.
+    """
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        _check_krum("krum", updates.shape[0], f)
+        present = ops.present_mask(weights)
+        best = jnp.argmin(krum_scores(updates, present, f))
+        pick = (jnp.arange(updates.shape[0]) == best) & present
+        out = jnp.where(pick.any(), updates[best], 0)
+        return out, state, AggInfo(weight=pick.astype(updates.dtype))
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+@REGISTRY.register("multi_krum")
+def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
+    """Multi-Krum (Blanchard et al. 2017): the mean of the ``m`` updates with the lowest
+    Krum scores (scores as in ``krum``, ``m - f - 2`` neighbours).
+
+    ``m`` (static) defaults to ``present - f`` (computed in-graph); it is clamped to the
+    number of present rows. Needs ``n > 2f + 2``. AggInfo.weight: ``1/m`` on each selected
+    client.
+    """
+    ops.check(m is None or m >= 1, f"multi_krum: m must be >= 1, got {m}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        _check_krum("multi_krum", updates.shape[0], f)
+        present = ops.present_mask(weights)
+        count = _count(present)
+        scores = krum_scores(updates, present, f)
+        q = jnp.maximum(count - f, 1) if m is None else jnp.minimum(m, count)
+        chosen = present & (ops.ranks(scores) < q)
+        share = normalized(chosen.astype(updates.dtype))
+        return share @ jnp.where(chosen[:, None], updates, 0), state, AggInfo(weight=share)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def iterated_krum(updates, present, f, count):
+    """Bulyan's selection: apply Krum ``count`` times, removing each pick (El Mhamdi et al.
+    2018). Each Krum runs on the rows left, with ``left - f - 2`` neighbours. Returns the
+    ``[n]`` bool mask of picked rows."""
+    ok = present & ops.finite_rows(updates)
+    dist = ops.pairwise_sq_dists(updates, ok)
+    n = updates.shape[0]
+    eye = jnp.eye(n, dtype=bool)
+
+    def body(t, picked):
+        left = present & ~picked
+        k = jnp.maximum(_count(left) - f - 2, 1)
+        others = jnp.where(eye | ~left[None, :], jnp.inf, dist)
+        scores = jnp.where(left & ok, ops.sum_smallest(others, k), jnp.inf)
+        best = jnp.argmin(scores)
+        return picked | ((jnp.arange(n) == best) & (t < count) & left[best] & ok[best])
+
+    return lax.fori_loop(0, n - 2 * f, body, jnp.zeros(n, bool))
+
+
+@REGISTRY.register("bulyan")
+def make_bulyan(f: int = 0) -> Aggregator:
+    """Bulyan (El Mhamdi, Guerraoui & Rouhault 2018) over Krum.
+
+    Select ``θ = m - 2f`` updates by iterated Krum (each round removes its pick), then per
+    coordinate average the ``β = θ - 2f`` selected values closest to the selected values'
+    median (ties at the cut enter through their average). Needs ``n ≥ 4f + 3``; with fewer
+    present clients θ and β are clamped to at least 1. AggInfo.weight: ``1/β`` per kept
+    value, averaged over coordinates (zero for unselected clients).
+    """
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        n = updates.shape[0]
+        ops.check(n >= 4 * f + 3, f"bulyan: needs n >= 4f + 3 (n={n}, f={f})")
+        present = ops.present_mask(weights)
+        m = _count(present)
+        theta = jnp.maximum(m - 2 * f, 1)
+        chosen = iterated_krum(updates, present, f, theta)
+        picked = _count(chosen)
+        beta = jnp.maximum(picked - 2 * f, 1)
+
+        def block(xb, p):
+            med, _ = ops.median_block(xb, p, picked)
+            return ops.closest_block(xb, p, med, beta)
+
+        out, w = ops.coordinatewise(block, updates, chosen)
+        return out, state, AggInfo(weight=w)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+# --- iterative and clipping rules ---------------------------------------------------------
+
+
+@REGISTRY.register("geometric_median", traced=("nu",))
+def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
+    """Geometric median by smoothed Weiszfeld, RFA (Pillutla, Kakade & Harchaoui 2022).
+
+    Minimises ``sum_i α_i max(ν, |v - x_i|)``, α = normalised weights (RFA weighs by
+    sample counts), from ``v = α-mean of the finite rows`` in ``iters`` (static) steps
+    ``v ← Σ β_i x_i / Σ β_i``, ``β_i = α_i / max(ν, |v - x_i|)``; ν is traced
+    (``hparams["nu"]``). Non-finite rows get β = 0. AggInfo.weight: the final β,
+    normalised.
+    """
+    ops.check(iters >= 0, f"geometric_median: iters must be >= 0, got {iters}")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        eps = ctx.hparams.get("nu", nu)
+        ok = ops.finite_rows(updates)
+        alpha = normalized(jnp.where(ok, weights, 0).astype(updates.dtype))
+        x = jnp.where(ok[:, None], updates, 0)
+
+        def step(_, carry):
+            v, _ = carry
+            dist = jnp.linalg.norm(x - v, axis=1)
+            beta = normalized(alpha / jnp.maximum(eps, dist))
+            return beta @ x, beta
+
+        v, beta = lax.fori_loop(0, iters, step, (alpha @ x, alpha))
+        return v, state, AggInfo(weight=beta)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def clip_factor(norms, tau):
+    """``min(1, τ / norm)``, 0 for an infinite or NaN norm."""
+    return jnp.where(jnp.isfinite(norms), jnp.minimum(1.0, ops.safe_div(tau, norms)), 0.0)
+
+
+@REGISTRY.register("centered_clipping", traced=("tau",))
+def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
+    """Centred clipping (Karimireddy, He & Jaggi 2021, "Learning from history").
+
+    From the reference ``v`` = the previous round's aggregate (AggState, zeros at first),
+    ``iters`` (static) times: ``v ← v + (1/m) Σ_i c_i (x_i - v)``, ``c_i = min(1,
+    τ/|x_i - v|)``, over present clients (uniform). τ traced (``hparams["tau"]``).
+    Non-finite rows get ``c_i = 0``. State: the aggregate. AggInfo.weight: the coefficient of
+    each row in the result (the rest of the weight stays on the previous aggregate).
+    """
+    ops.check(iters >= 1, f"centered_clipping: iters must be >= 1, got {iters}")
+
+    def init(flat_params, n_clients):
+        return jnp.zeros_like(flat_params)
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        t = ctx.hparams.get("tau", tau)
+        ok = ops.finite_rows(updates)
+        share = normalized(ops.present_mask(weights).astype(updates.dtype))
+        x = jnp.where(ok[:, None], updates, 0)
+
+        def step(_, carry):
+            v, a, w = carry
+            c = share * clip_factor(jnp.linalg.norm(x - v, axis=1), t)
+            c = jnp.where(ok, c, 0)
+            keep = 1 - jnp.sum(c)
+            return v + c @ (x - v), keep * a, keep * w + c
+
+        v0 = state.astype(updates.dtype)
+        v, _, w = lax.fori_loop(0, iters, step, (v0, jnp.ones(()), jnp.zeros_like(share)))
+        return v, v, AggInfo(weight=w)
+
+    return Aggregator(init=init, aggregate=aggregate)
+
+
+@REGISTRY.register("norm_bound", traced=("max_norm", "noise_std"))
+def make_norm_bound(max_norm: float = 1.0, noise_std: float = 0.0) -> Aggregator:
+    """Norm bounding (Sun et al. 2019, "Can you really backdoor federated learning?").
+
+    Each update is scaled to norm at most ``max_norm``, then weighted-averaged (the weight
+    values count, as in FedAvg); Gaussian noise of std ``noise_std`` (their weak DP,
+    default off) is added using ``ctx.key``. Both traced. Non-finite rows are scaled to 0.
+    AggInfo.weight: normalised weight × shrink factor.
+    """
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        bound = ctx.hparams.get("max_norm", max_norm)
+        std = ctx.hparams.get("noise_std", noise_std)
+        ok = ops.finite_rows(updates)
+        x = jnp.where(ok[:, None], updates, 0)
+        coef = normalized(weights.astype(x.dtype)) * clip_factor(jnp.linalg.norm(x, axis=1), bound)
+        coef = jnp.where(ok, coef, 0)
+        noise = std * jax.random.normal(ctx.key, (x.shape[1],), x.dtype)
+        return coef @ x + noise, state, AggInfo(weight=coef)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+# --- spectral and similarity-based rules --------------------------------------------------
+
+
+def coordinate_subset(key, d, b):
+    """``[b]`` distinct coordinates drawn uniformly from ``range(d)``."""
+    return jax.random.permutation(key, d)[:b] if b < d else jnp.arange(d)
+
+
+@REGISTRY.register("dnc")
+def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) -> Aggregator:
+    """Divide-and-Conquer (Shejwalkar & Houmansadr 2021, NDSS).
+
+    ``iters`` (static) times: draw ``sub_dim`` coordinates (``ctx.key``), centre the present
+    rows there, and remove the ``⌊c f⌋`` rows with the largest squared projection on the
+    top right singular vector. The good set is the intersection over iterations; output =
+    its uniform mean. The singular vector comes from an exact eigendecomposition of the
+    ``[n, n]`` Gram matrix of the centred rows. Non-finite rows score +inf (removed first).
+    AggInfo.weight: ``1/|good|`` on each kept client.
+    """
+    removed = int(c * f)
+    ops.check(iters >= 1 and sub_dim >= 1, "dnc: iters and sub_dim must be >= 1")
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        n, d = updates.shape
+        ops.check(removed < n, f"dnc: removes c*f={removed} rows but n={n}")
+        present = ops.present_mask(weights)
+        ok = ops.finite_rows(updates)
+        good = present
+        for key in jax.random.split(ctx.key, iters):
+            cols = coordinate_subset(key, d, sub_dim)
+            scores = dnc_scores(updates[:, cols], present & ok)
+            scores = jnp.where(present, jnp.where(ok, scores, jnp.inf), -jnp.inf)
+            good = good & (ops.ranks(-scores) >= removed)
+        share = normalized(good.astype(updates.dtype))
+        return share @ jnp.where(good[:, None], updates, 0), state, AggInfo(weight=share)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def dnc_scores(sub, ok):
+    """Squared projections of the centred ``ok`` rows of ``sub [n, b]`` on their top right
+    singular vector (via the top eigenvector of the Gram matrix)."""
+    share = normalized(ok.astype(sub.dtype))
+    x = jnp.where(ok[:, None], sub, 0)
+    centred = jnp.where(ok[:, None], x - share @ x, 0)
+    gram = jnp.matmul(centred, centred.T, precision=lax.Precision.HIGHEST)
+    vals, vecs = jnp.linalg.eigh(gram)
+    # projection of row i on v1 is σ1 u1[i]; σ1² = top eigenvalue
+    return vals[-1] * vecs[:, -1] ** 2
+
+
+@REGISTRY.register("foolsgold", traced=("kappa",))
+def make_foolsgold(kappa: float = 1.0) -> Aggregator:
+    """FoolsGold (Fung, Yoon & Beschastnikh 2020).
+
+    State: ``[n_clients, d]`` running sums of each client's updates, indexed by
+    ``ctx.client_ids`` (default ``arange(n)``). Each round the present clients' histories
+    are updated, then from their pairwise cosine similarities (``cs``, diagonal excluded):
+    ``v_i = max_j cs_ij``; pardoning ``cs_ij *= v_i / v_j`` where ``v_j > v_i``;
+    ``α_i = clip(1 - max_j cs_ij, 0, 1)``; ``α /= max α``; ``α = 1 → 0.99``;
+    ``α = clip(κ (ln(α / (1 - α)) + 0.5), 0, 1)`` with κ traced (``hparams["kappa"]``).
+    Output = ``Σ α_i x_i / Σ α_i`` (a convex combination; the original scales a learning
+    rate instead). Non-finite updates are not added to a history and get α = 0.
+    AggInfo.weight: normalised α.
+    """
+
+    def init(flat_params, n_clients):
+        return jnp.zeros((n_clients, flat_params.shape[0]), flat_params.dtype)
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        n = updates.shape[0]
+        ids = jnp.arange(n) if ctx.client_ids is None else ctx.client_ids
+        present = ops.present_mask(weights)
+        ok = present & ops.finite_rows(updates)
+        x = jnp.where(ok[:, None], updates, 0)
+        state = state.at[ids].add(x.astype(state.dtype))
+        alpha = foolsgold_alpha(state[ids], ok, ctx.hparams.get("kappa", kappa))
+        share = normalized(alpha.astype(x.dtype))
+        return share @ x, state, AggInfo(weight=share)
+
+    return Aggregator(init=init, aggregate=aggregate)
+
+
+def foolsgold_alpha(history, ok, kappa):
+    """FoolsGold's per-client learning-rate weights from the ``[n, d]`` histories."""
+    n = history.shape[0]
+    norms = jnp.linalg.norm(history, axis=1)
+    unit = history / jnp.where(norms > 0, norms, 1)[:, None]
+    cs = jnp.matmul(unit, unit.T, precision=lax.Precision.HIGHEST)
+    eye = jnp.eye(n, dtype=bool)
+    pair = ok[:, None] & ok[None, :]
+    cs = jnp.where(pair, jnp.where(eye, 0.0, cs), -jnp.inf)  # as the original: cs - I
+    v = jnp.max(cs, axis=1)
+    pardon = jnp.where(v[None, :] > v[:, None], ops.safe_div(v[:, None], v[None, :]), 1.0)
+    cs = jnp.where(pair & ~eye, cs * pardon, cs)
+    alpha = jnp.clip(1 - jnp.max(cs, axis=1), 0, 1)
+    alpha = jnp.where(ok, alpha, 0)
+    alpha = ops.safe_div(alpha, jnp.max(alpha))
+    alpha = jnp.where(alpha == 1, 0.99, alpha)
+    logit = jnp.log(alpha / (1 - alpha)) + 0.5  # -inf at 0
+    return jnp.where(ok, jnp.clip(kappa * logit, 0, 1), 0)
+
+
+@REGISTRY.register("signguard", traced=("lower", "upper"))
+def make_signguard(
+    lower: float = 0.1, upper: float = 3.0, coord_frac: float = 0.1, shift_iters: int = 20
+) -> Aggregator:
+    """SignGuard (Xu et al. 2022, "Byzantine-robust federated learning through collaborative
+    malicious gradient filtering").
+
+    1. Norm filter: keep present rows with ``lower ≤ |x_i| / M ≤ upper`` (M = median norm of
+       the present rows; both bounds traced).
+    2. Sign filter: on ``⌈coord_frac d⌉`` random coordinates (``ctx.key``), each row's
+       fractions of positive, zero and negative entries; cluster them by flat-kernel mean
+       shift (``shift_iters`` fixed steps; bandwidth = mean distance to the ``⌊0.3 m⌋``-th
+       nearest row counting itself, as scikit-learn's ``estimate_bandwidth``), and keep the
+       largest cluster: rows whose mode lies within one bandwidth of the mode shared by the
+       most rows. This replaces the paper's scikit-learn MeanShift with a fixed-step one.
+    3. Output: uniform mean over rows passing both filters, each clipped to norm M.
+    Non-finite rows are dropped. AggInfo.weight: ``1/|S|`` × clip factor on kept rows.
+    """
+
+    def aggregate(updates, weights, state, ctx: AggContext):
+        n, d = updates.shape
+        present = ops.present_mask(weights)
+        ok = present & ops.finite_rows(updates)
+        x = jnp.where(ok[:, None], updates, 0)
+        norms = jnp.where(ok, jnp.linalg.norm(x, axis=1), jnp.inf)
+        med = ops.median_block(norms[:, None], ok, _count(ok))[0][0]
+        ratio = ops.safe_div(norms, med)
+        lo, hi = ctx.hparams.get("lower", lower), ctx.hparams.get("upper", upper)
+        by_norm = ok & (ratio >= lo) & (ratio <= hi)
+        cols = coordinate_subset(ctx.key, d, max(1, math.ceil(coord_frac * d)))
+        sub = x[:, cols]
+        feats = jnp.stack([jnp.mean(sub > 0, 1), jnp.mean(sub == 0, 1), jnp.mean(sub < 0, 1)], 1)
+        chosen = by_norm & largest_cluster(feats, ok, shift_iters)
+        coef = normalized(chosen.astype(x.dtype)) * clip_factor(norms, med)
+        coef = jnp.where(chosen, coef, 0)
+        return coef @ x, state, AggInfo(weight=coef)
+
+    return Aggregator(init=_no_state, aggregate=aggregate)
+
+
+def largest_cluster(feats, ok, iters):
+    """Rows of ``feats [n, k]`` in the largest flat-kernel mean-shift cluster (see signguard)."""
+    n = feats.shape[0]
+    dist = jnp.sqrt(ops.pairwise_sq_dists(feats, ok))
+    m = _count(ok)
+    kth = jnp.clip((3 * m) // 10, 1, n) - 1  # scikit-learn: int(0.3 m) neighbours, self first
+    kth_dist = jnp.take_along_axis(jnp.sort(dist, axis=1), jnp.full((n, 1), kth), 1)[:, 0]
+    width = ops.safe_div(jnp.sum(jnp.where(ok, kth_dist, 0)), m)
+    width = jnp.maximum(width, 1e-6)
+    pts = jnp.where(ok[:, None], feats, 0)
+
+    def shift(_, z):
+        zz = jnp.sum(z * z, 1)[:, None] + jnp.sum(pts * pts, 1)[None] - 2 * z @ pts.T
+        near = (jnp.sqrt(jnp.maximum(zz, 0)) <= width) & ok[None, :]
+        return jnp.where(near.any(1)[:, None], normalized_rows(near) @ pts, z)
+
+    z = lax.fori_loop(0, iters, shift, pts)
+    zd = jnp.sqrt(jnp.maximum(jnp.sum((z[:, None] - z[None]) ** 2, -1), 0))
+    close = (zd <= width) & ok[:, None] & ok[None, :]
+    best = jnp.argmax(jnp.where(ok, jnp.sum(close, 1), -1))
+    return close[best]
+
+
+def normalized_rows(mask):
+    """Each row of a boolean ``[n, n]`` matrix as a probability vector (0 if empty)."""
+    m = mask.astype(jnp.float32)
+    return ops.safe_div(m, jnp.sum(m, axis=1, keepdims=True))

@@ -1,0 +1,120 @@
+"""Pre-aggregation stages, composable in front of any rule.
+
+A stage maps the round's rows to new rows before the rule sees them:
+``apply(updates [n, d], weights [n], state, ctx) -> (rows [r, d], weights [r], state,
+mix [r, n])`` where ``rows = mix @ updates`` for the finite rows (``mix`` is how much of
+each client went into each new row). The composed rule's ``AggInfo.weight`` is the rule's
+own weight carried back through the stages, ``weight @ mix_k @ ... @ mix_1``, so it is
+still each client's contribution to the aggregate.
+
+Composition (``fedsim.aggregators.make``)::
+
+    make("trimmed_mean", beta=0.1, pre=["nnm"], f=10)
+    make("krum", f=3, pre=[{"name": "bucketing", "s": 2}])
+    make("mean", pre=[{"name": "clip", "clip_norm": 5.0}, "nnm"], f=2)
+
+or in a config: ``aggregator: {name: trimmed_mean, beta: 0.1, f: 10, pre: [nnm]}`` /
+``pre: [{name: nnm, f: 10}]``. Stages run in list order. A stage named by a string takes
+every top-level option its factory accepts (here ``f`` goes to NNM; an option is passed to
+the rule only if the rule accepts it); a stage given as a mapping takes only the options
+written in it. An option that no stage and not the rule accepts is a ``ConfigError``.
+Traced options of stages are read from ``ctx.hparams`` like the rule's (``clip_norm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedsim.aggregators import _ops as ops
+from fedsim.registry import Registry
+from fedsim.types import AggContext
+
+PRE = Registry("pre-aggregation stage")
+
+
+class PreAggregator(NamedTuple):
+    """A pre-aggregation stage (see the module docstring)."""
+
+    init: Callable[[jax.Array, int], Any]
+    apply: Callable
+
+
+def _no_state(flat_params, n_clients):
+    return ()
+
+
+@PRE.register("clip", traced=("clip_norm",))
+def make_clip(clip_norm: float = 1.0) -> PreAggregator:
+    """Static-threshold clipping: each finite row scaled to norm at most ``clip_norm``
+    (traced, ``hparams["clip_norm"]``). Non-finite rows pass unchanged, for the rule to
+    exclude. mix = diag(shrink factor)."""
+
+    def apply(updates, weights, state, ctx: AggContext):
+        tau = ctx.hparams.get("clip_norm", clip_norm)
+        ok = ops.finite_rows(updates)
+        norms = jnp.linalg.norm(jnp.where(ok[:, None], updates, 0), axis=1)
+        scale = jnp.where(ok, jnp.minimum(1.0, ops.safe_div(tau, norms)), 1.0)
+        return updates * scale[:, None], weights, state, jnp.diag(scale)
+
+    return PreAggregator(init=_no_state, apply=apply)
+
+
+@PRE.register("nnm")
+def make_nnm(f: int = 0) -> PreAggregator:
+    """Nearest-neighbour mixing (Allouah et al. 2023, "Fixing by mixing").
+
+    Each present finite row becomes the mean of its ``m - f`` nearest present rows in L2
+    (itself included; ties in distance go to the lower index; at least 1). Distances from
+    one Gram matrix. Non-finite rows are nobody's neighbour while enough finite rows remain
+    and pass unchanged, for the rule to exclude. Absent rows stay absent.
+    """
+    ops.check(f >= 0, f"nnm: f must be >= 0, got {f}")
+
+    def apply(updates, weights, state, ctx: AggContext):
+        present = ops.present_mask(weights)
+        ok = present & ops.finite_rows(updates)
+        dist = ops.pairwise_sq_dists(updates, ok)
+        q = jnp.maximum(jnp.sum(present) - f, 1)
+        near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None]
+        mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
+        mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
+        rows = mix @ jnp.where(ok[:, None], updates, 0)
+        rows = jnp.where(ok[:, None], rows, updates)
+        return rows, weights, state, mix.astype(updates.dtype)
+
+    return PreAggregator(init=_no_state, apply=apply)
+
+
+@PRE.register("bucketing")
+def make_bucketing(s: int = 2) -> PreAggregator:
+    """Bucketing (Karimireddy, He & Jaggi 2022, "Byzantine-robust learning on heterogeneous
+    datasets via bucketing").
+
+    Present clients are shuffled (``ctx.key``) and cut into consecutive buckets of ``s``
+    (static); each bucket becomes the weighted mean of its members, with weight = the sum of
+    theirs. Output rows: ``⌈n/s⌉`` (a bucket with no present member is absent). The
+    downstream rule's ``f`` counts buckets.
+    """
+    ops.check(s >= 1, f"bucketing: s must be >= 1, got {s}")
+
+    def apply(updates, weights, state, ctx: AggContext):
+        n = updates.shape[0]
+        present = ops.present_mask(weights)
+        noise = jax.random.uniform(ctx.key, (n,))
+        order = jnp.argsort(jnp.where(present, noise, 2.0))  # present clients first
+        bucket = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n) // s)
+        n_buckets = -(-n // s)
+        member = (jnp.arange(n_buckets)[:, None] == bucket[None]) & present[None]
+        w = jnp.where(member, weights[None].astype(updates.dtype), 0)
+        total = jnp.sum(w, axis=1)
+        mix = ops.safe_div(w, total[:, None])
+        ok = ops.finite_rows(updates)
+        rows = mix @ jnp.where(ok[:, None], updates, 0)
+        spoiled = jnp.any(member & ~ok[None], axis=1)  # a non-finite member spoils its bucket
+        return jnp.where(spoiled[:, None], jnp.nan, rows), total, state, mix
+
+    return PreAggregator(init=_no_state, apply=apply)
