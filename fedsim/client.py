@@ -61,8 +61,9 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
     is_malicious) -> update`` for one client.
 
     params: the global params pytree; data_x uint8 ``[N, ...]``, data_y int32 ``[N]``;
-    idx_row int32 ``[P]``; count, n_steps: int32 scalars (``n_steps`` is the loop bound,
-    the same for every client of the round: steps past the client's own are no-ops);
+    idx_row int32 ``[P]``; count, n_steps: int32 scalars (``n_steps`` is the loop bound in
+    epoch mode, the same for every client of the round: steps past the client's own are
+    no-ops; step mode always runs exactly ``spec.steps``);
     hp: ``{"lr", "momentum", "attack": {...}}`` traced scalars. Returns the update
     (local params - global params), a pytree like ``params``.
     """
@@ -77,7 +78,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         def loss_fn(p, x, y, mask):
             return cross_entropy(apply_fn({"params": p}, x), y, mask)
 
-        def step(t, carry):
+        def step(t, carry, masked):
             p, opt_state = carry
             epoch, within = t // per_epoch, t % per_epoch
             order = epoch_order(jax.random.fold_in(key, epoch), count, padded)
@@ -92,11 +93,22 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
             grads = jax.grad(loss_fn)(p, x, y, mask)
             upd, new_opt = optimizer.update(grads, opt_state, p)
             new_p = optax.apply_updates(p, upd)
-            active = t < own_steps
-            keep = lambda new, old: jnp.where(active, new, old)
+            if not masked:
+                return new_p, new_opt
+            keep = lambda new, old: jnp.where(t < own_steps, new, old)
             return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_opt, opt_state)
 
-        final, _ = jax.lax.fori_loop(0, n_steps, step, (params, optimizer.init(params)))
+        # Every client takes at least one step, all from the same global params: peeling
+        # the first step keeps them shared under vmap (one large matmul for the first
+        # layer, no per-client copy of the model until the first update exists).
+        first = step(0, (params, optimizer.init(params)), masked=False)
+        # In step mode every client takes exactly spec.steps steps: a static loop, no mask.
+        if spec.steps is not None:
+            rest = lambda t, carry: step(t, carry, masked=False)
+            final, _ = jax.lax.fori_loop(1, spec.steps, rest, first)
+        else:
+            rest = lambda t, carry: step(t, carry, masked=True)
+            final, _ = jax.lax.fori_loop(1, n_steps, rest, first)
         return jax.tree.map(jnp.subtract, final, params)
 
     return local_train
