@@ -11,8 +11,9 @@ import pytest
 import reference_attacks as ref
 
 from fedsim.attacks import REGISTRY, make, project_cosine, project_l2
+from fedsim.attacks.common import krum_accepts
 from fedsim.attacks.data import trigger_mask
-from fedsim.attacks.untargeted import alie_z, krum_picks_crafted
+from fedsim.attacks.untargeted import alie_z
 from fedsim.registry import ConfigError
 from fedsim.types import AttackContext, AttackSetup
 
@@ -56,9 +57,17 @@ def context(hparams=None, updates=UPDATES, key=0, **kw):
     return AttackContext(**base)
 
 
+_JITTED = {}
+
+
 def craft(attack, ctx=None, updates=UPDATES):
-    ctx = ctx or context()  # holds loss_fn, so it is closed over rather than passed
-    out = jax.jit(lambda u, m: attack.craft(u, m, ctx))(jnp.asarray(updates), jnp.asarray(MAL))
+    """Jitted ``attack.craft`` (compiled once per attack), as float64 numpy."""
+    ctx = ctx or context()
+    if attack.craft not in _JITTED:  # loss_fn is not an array: closed over, not passed
+        _JITTED[attack.craft] = jax.jit(
+            lambda u, m, c: attack.craft(u, m, c._replace(loss_fn=linear_loss))
+        )
+    out = _JITTED[attack.craft](jnp.asarray(updates), jnp.asarray(MAL), ctx._replace(loss_fn=None))
     return np.asarray(out, np.float64)
 
 
@@ -277,12 +286,14 @@ def test_fang_krum_is_selected_by_krum():
     assert ref.krum_index(rows, f=2) < 2
     rows[:2] = -1.05 * lam * s  # a little further is rejected: the search is tight
     assert ref.krum_index(rows, f=2) >= 2
-    picks = krum_picks_crafted(
+    picks = jax.jit(krum_accepts, static_argnums=4)(
         jnp.asarray(updates),
         jnp.asarray(WEIGHTS > 0) & ~MAL,
         2.0,
         2.0,
-        jnp.asarray(s),
+        1,
+        jnp.zeros(D),
+        -jnp.asarray(s, jnp.float32),
         jnp.array([lam, 1.05 * lam], jnp.float32),
     )
     assert bool(picks[0]) and not bool(picks[1])
@@ -329,7 +340,7 @@ def test_project_l2_exact():
     for _ in range(20):
         u, c = rng.normal(size=(2, 50)) * rng.uniform(0.1, 10)
         r = rng.uniform(0.1, 5.0)
-        got = np.asarray(project_l2(jnp.asarray(u, jnp.float32), jnp.asarray(c, jnp.float32), r))
+        got = np.asarray(jax.jit(project_l2)(u.astype(np.float32), c.astype(np.float32), r))
         c32 = np.asarray(c, np.float32).astype(np.float64)
         assert np.linalg.norm(got.astype(np.float64) - c32) <= r
         np.testing.assert_allclose(got, ref.project_l2(u, c, r), rtol=1e-4, atol=1e-4)
@@ -341,7 +352,7 @@ def test_project_cosine_exact():
     rng = np.random.default_rng(4)
     for min_cos in [-0.3, 0.0, 0.5, 0.9, 0.99]:
         u, v = rng.normal(size=(2, 40)).astype(np.float32)
-        got = np.asarray(project_cosine(jnp.asarray(u), jnp.asarray(v), min_cos), np.float64)
+        got = np.asarray(jax.jit(project_cosine)(u, v, min_cos), np.float64)
         if ref.cosine(u, v) >= min_cos:
             np.testing.assert_array_equal(got, u)
             continue
@@ -439,3 +450,21 @@ def test_strategic_behavior_keeps_proxy_loss():
             assert loss(step) > loss(BENIGN[i])
     loose = craft(attack, context({"tolerance": jnp.float32(1e6)}, updates=adv), adv)
     np.testing.assert_allclose(loose[:3], adv[:3], atol=1e-6)
+
+
+def test_strategic_distance_against_krum_is_selected():
+    rng = np.random.default_rng(7)
+    updates = (rng.normal(size=D) * 0.2 + rng.normal(size=(N, D)) * 0.1).astype(np.float32)
+    updates[:3] += 1.0  # adversarial updates far from the honest ones
+    setup = SETUP._replace(rule="krum", rule_kw=(("f", 2),))
+    out = craft(build("strategic_distance", setup=setup), context(updates=updates), updates)
+    honest = updates[3:9].astype(np.float64)
+    rows = np.concatenate([out[:2], honest])
+    assert ref.krum_index(rows, f=2) < 2
+    centre, adv = honest.mean(0), updates[:2].mean(0)
+    gap = np.linalg.norm(out[0] - centre)
+    np.testing.assert_allclose(  # on the segment from the honest mean to the adversary
+        out[0], centre + gap * (adv - centre) / np.linalg.norm(adv - centre), atol=1e-5
+    )
+    rows[:2] = centre + 1.05 * (out[0] - centre)  # a little further is rejected
+    assert ref.krum_index(rows, f=2) >= 2

@@ -263,3 +263,83 @@ def project_cosine(u: Array, direction: Array, min_cos: Array) -> Array:
     angle = jnp.clip(jnp.arccos(min_cos) - 1e-6, 0.0, jnp.pi)
     rotated = norm_u * (jnp.cos(angle) * e1 + jnp.sin(angle) * e2)
     return jnp.where(cos >= min_cos, u, rotated)
+
+
+# --------------------------------------------------------------------------- Krum
+
+
+def krum_options(setup: AttackSetup):
+    """(f, select) of a known Krum-type rule: its ``f`` (None if not an int) and how many
+    rows it selects (1 for krum; multi_krum's ``m``, or None = present - f)."""
+    if setup.rule not in KRUM_RULES:
+        return None, 1
+    kw = rule_kw(setup)
+    f = kw.get("f", 0)
+    f = f if isinstance(f, int) and not isinstance(f, bool) else None
+    return f, (1 if setup.rule == "krum" else kw.get("m"))
+
+
+def sum_smallest(values: Array, k) -> Array:
+    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded)."""
+    s = jnp.sort(values, axis=-1)
+    take = jnp.arange(values.shape[-1]) < k
+    return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
+
+
+def krum_accepts(rows, mask, n_crafted, f, select, base, direction, lams):
+    """For each ``lams[k]``: would Krum select the crafted update ``base + lams[k] * dir``?
+
+    Krum (Blanchard et al. 2017) scores a row by the sum of squared distances to its
+    ``m - f - 2`` nearest others; here ``m`` = the pool rows (``rows`` [n, d] where
+    ``mask``, standing for the honest updates) + ``n_crafted`` identical crafted rows.
+    Selected when fewer than ``select`` pool rows score strictly lower (``select`` = 1 for
+    Krum, Multi-Krum's ``m``; ``None`` = ``m - f``). Returns bool ``[K]``.
+    """
+    inf = jnp.inf
+    centre = masked_mean(rows, mask)
+    h = rows - centre  # distances are translation-free; centring keeps float32 precision
+    crafted = base[None, :] - centre + lams[:, None] * direction[None, :]  # [K, d]
+    n = rows.shape[0]
+    m = count(mask) + n_crafted
+    k = jnp.maximum(m - f - 2.0, 1.0)
+    pp = pairwise_sq_dists(h)
+    pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
+    hc = jnp.sum(h * h, axis=1)[None, :] - 2.0 * (crafted @ h.T)
+    hc = hc + jnp.sum(crafted * crafted, axis=1)[:, None]
+    hc = jnp.where(mask[None, :], jnp.maximum(hc, 0.0), inf)  # [K, n]
+    slots = jnp.arange(n)
+    copies = jnp.where(slots[None, None, :] < n_crafted, hc[:, :, None], inf)  # [K, n, n]
+    pool_scores = sum_smallest(
+        jnp.concatenate([jnp.broadcast_to(pp, copies.shape), copies], axis=-1), k
+    )
+    pool_scores = jnp.where(mask[None, :], pool_scores, inf)
+    mates = jnp.where(slots < n_crafted - 1, 0.0, inf)
+    crafted_scores = sum_smallest(
+        jnp.concatenate([jnp.broadcast_to(mates, hc.shape), hc], axis=-1), k
+    )
+    select = jnp.maximum(m - f, 1.0) if select is None else select
+    beaten_by = jnp.sum(pool_scores < crafted_scores[:, None], axis=1)
+    return beaten_by < select
+
+
+def largest_accepted(accepts, top, steps: int = 20, refine: int = 8):
+    """Largest scale in ``(0, top]`` that ``accepts`` (``[K] -> bool [K]``), in-graph.
+
+    The candidates ``top * 2^-j`` (j < steps) are checked at once; the largest accepted is
+    refined by ``refine`` bisection steps towards twice its value (acceptance is assumed
+    monotone between the two). If none is accepted the smallest candidate is returned.
+    """
+    lams = top * 2.0 ** -jnp.arange(steps, dtype=jnp.float32)
+    ok = accepts(lams)
+    first = jnp.argmax(ok)
+    lo = jnp.where(jnp.any(ok), lams[first], lams[-1])
+    hi = jnp.where(jnp.any(ok) & (first > 0), 2.0 * lo, lo)
+
+    def bisect(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        good = accepts(mid[None])[0]
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, refine, bisect, (lo, hi))
+    return lo

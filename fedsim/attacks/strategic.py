@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
     COSINE_RULES,
+    KRUM_RULES,
     MEDIAN_RULES,
     MODEL_POISONING_OPTS,
     PREVIOUS_AGGREGATE_RULES,
@@ -28,8 +29,12 @@ from fedsim.attacks.common import (
     anything,
     boolean,
     choice,
+    count,
     emit,
     integer,
+    krum_accepts,
+    krum_options,
+    largest_accepted,
     masked_mean,
     masked_median,
     number,
@@ -129,6 +134,10 @@ def make_strategic_distance(**kw) -> Attack:
     - L2: :func:`project_l2` onto the ball of radius ``radius_scale`` (traced, default 1)
       times the ``spread`` statistic (median | mean | max, default median) of the pool's
       distances to the reference;
+    - against krum / multi_krum (``knows_rule``, colluding): the L2 ball's radius is the
+      largest distance from the reference towards the adversarial update at which the
+      rule still selects the crafted rows (in-graph search as in Fang et al.'s attack),
+      times ``radius_scale``: Krum accepts points by their density, not by a radius;
     - cosine: :func:`project_cosine` onto the cone around the reference direction whose
       half-angle is ``radius_scale`` times the ``spread`` of the pool's angles to it.
 
@@ -152,6 +161,20 @@ def make_strategic_distance(**kw) -> Attack:
         setup.rule, o["knows_rule"], o["reference"], o["constraint"]
     )
 
+    rule_f, select = krum_options(setup)
+    krum_search = (
+        o["knows_rule"] and setup.rule in KRUM_RULES and constraint == "l2" and o["collude"]
+    )
+
+    def krum_radius(rows, mask, adv, ref, c):
+        """Largest distance from ``ref`` towards ``adv`` at which Krum still selects the
+        ``c`` identical crafted rows (:func:`krum_accepts`), at most ``|adv - ref|``."""
+        f = c if rule_f is None else jnp.float32(rule_f)
+        gap = jnp.linalg.norm(adv - ref)
+        direction = (adv - ref) / jnp.where(gap > 0, gap, 1.0)
+        accepts = lambda r: krum_accepts(rows, mask, c, f, select, ref, direction, r)
+        return largest_accepted(accepts, gap)
+
     def craft(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
         ref = reference_point(reference, rows, mask, ctx)
@@ -159,7 +182,10 @@ def make_strategic_distance(**kw) -> Attack:
         adv = updates
         if o["collude"]:
             adv = masked_mean(updates, present(ctx) & is_malicious)[None, :]
-        if constraint == "l2":
+        if krum_search:
+            c = count(present(ctx) & is_malicious)
+            out = project_l2(adv, ref, scale * krum_radius(rows, mask, adv[0], ref, c))
+        elif constraint == "l2":
             dists = jnp.linalg.norm(rows - ref, axis=1)
             out = project_l2(adv, ref, scale * spread(dists, mask, o["spread"]))
         else:

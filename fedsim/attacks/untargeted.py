@@ -25,6 +25,9 @@ from fedsim.attacks.common import (
     choice,
     count,
     emit,
+    krum_accepts,
+    krum_options,
+    largest_accepted,
     masked_max,
     masked_mean,
     masked_min,
@@ -34,8 +37,8 @@ from fedsim.attacks.common import (
     parse,
     pool,
     present,
-    rule_kw,
     single_or_jittered,
+    sum_smallest,
 )
 from fedsim.attacks.data import make_goal
 from fedsim.types import Attack
@@ -199,83 +202,23 @@ def fang_interval(rows, mask, b, knowledge):
     return lo, hi
 
 
-def _sum_smallest(values, k):
-    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded)."""
-    s = jnp.sort(values, axis=-1)
-    take = jnp.arange(values.shape[-1]) < k
-    return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
+def fang_krum_bound(rows, mask, n_crafted):
+    """Fang et al.'s (2020) upper bound on lambda for their Krum attack.
 
-
-def krum_picks_crafted(rows, mask, n_crafted, f, s, lams):
-    """For each ``lams[k]``: does Krum pick the crafted update ``-lams[k] * s``?
-
-    Krum (Blanchard et al. 2017) scores a row by the sum of squared distances to its
-    ``m - f - 2`` nearest others, ``m`` = pool rows + ``n_crafted`` identical crafted rows.
-    rows [n, d] with ``mask`` the pool; returns bool [K].
-    """
-    inf = jnp.inf
-    centre = masked_mean(rows, mask)
-    h = rows - centre  # distances are translation-free; centring keeps float32 precision
-    crafted = -lams[:, None] * s[None, :] - centre  # [K, d], centred like h
-    n = rows.shape[0]
-    m = count(mask) + n_crafted
-    k = jnp.maximum(m - f - 2.0, 1.0)
-    pp = pairwise_sq_dists(h)
-    pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
-    hc = (
-        jnp.sum(h * h, axis=1)[None, :]
-        - 2.0 * (crafted @ h.T)
-        + jnp.sum(crafted * crafted, axis=1)[:, None]
-    )
-    hc = jnp.where(mask[None, :], jnp.maximum(hc, 0.0), inf)  # [K, n]
-    slots = jnp.arange(n)
-    copies = jnp.where(slots[None, None, :] < n_crafted, hc[:, :, None], inf)  # [K, n, n]
-    honest_scores = _sum_smallest(
-        jnp.concatenate([jnp.broadcast_to(pp, copies.shape), copies], axis=-1), k
-    )
-    honest_best = jnp.min(jnp.where(mask[None, :], honest_scores, inf), axis=1)
-    mates = jnp.where(slots < n_crafted - 1, 0.0, inf)
-    crafted_scores = _sum_smallest(
-        jnp.concatenate([jnp.broadcast_to(mates, hc.shape), hc], axis=-1), k
-    )
-    return crafted_scores < honest_best
-
-
-def fang_krum_lambda(rows, mask, n_crafted, f, s, steps=20, refine=8):
-    """Fang et al.'s (2020) lambda for the Krum attack, searched in-graph.
-
-    Upper bound (their Eq.): ``1/((m-2c-1) sqrt(d)) * min_i sum_{l in N_i} |h_l - h_i|
-    + 1/sqrt(d) * max_i |h_i|`` (N_i: the m-c-2 nearest pool rows). Candidates
-    ``bound * 2^-j`` (j < steps) are checked at once with :func:`krum_picks_crafted`; the
-    largest accepted is refined by ``refine`` bisection steps towards twice its value.
-    If none is accepted the smallest candidate is used.
+    ``1/((m-2c-1) sqrt(d)) * min_i sum_{l in N_i} |h_l - h_i| + 1/sqrt(d) * max_i |h_i|``
+    over the pool rows ``h`` (N_i: the m-c-2 nearest pool rows, m = pool + c crafted).
     """
     d = rows.shape[1]
     m = count(mask) + n_crafted
-    centre = masked_mean(rows, mask)
-    dist = jnp.sqrt(pairwise_sq_dists(rows - centre))
+    dist = jnp.sqrt(pairwise_sq_dists(rows - masked_mean(rows, mask)))
     n = rows.shape[0]
     dist = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), dist, jnp.inf)
-    nearest = _sum_smallest(dist, jnp.maximum(count(mask) - 2.0, 1.0))
+    nearest = sum_smallest(dist, jnp.maximum(count(mask) - 2.0, 1.0))
     nearest = jnp.min(jnp.where(mask, nearest, jnp.inf))
     norms = jnp.max(jnp.where(mask, jnp.linalg.norm(rows, axis=1), 0.0))
     root_d = jnp.sqrt(jnp.float32(d))
     bound = nearest / (jnp.maximum(m - 2.0 * n_crafted - 1.0, 1.0) * root_d) + norms / root_d
-    bound = jnp.where(jnp.isfinite(bound), bound, norms / root_d)
-    lams = bound * 2.0 ** -jnp.arange(steps, dtype=jnp.float32)
-    ok = krum_picks_crafted(rows, mask, n_crafted, f, s, lams)
-    first = jnp.argmax(ok)
-    lo = jnp.where(jnp.any(ok), lams[first], lams[-1])
-    hi = jnp.where(jnp.any(ok) & (first > 0), 2.0 * lo, lo)
-
-    def bisect(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        good = krum_picks_crafted(rows, mask, n_crafted, f, s, mid[None])[0]
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, refine, bisect, (lo, hi))
-    return lo
+    return jnp.where(jnp.isfinite(bound), bound, norms / root_d)
 
 
 @REGISTRY.register("fang", traced=("b", "jitter"))
@@ -285,10 +228,12 @@ def make_fang(**kw) -> Attack:
     ``variant``: ``trimmed_mean`` (also their median attack; see :func:`fang_interval`,
     each malicious row draws its own uniform values in the interval unless colluding, then
     all share one draw), ``krum`` (``-lambda * sign(mean(pool))`` with lambda from
-    :func:`fang_krum_lambda`; Krum's ``f`` is the rule's ``f`` option when known, else the
-    number of present malicious rows), or ``auto`` (default: ``krum`` when ``knows_rule``
-    and the rule is krum / multi_krum, else ``trimmed_mean``). ``b`` (traced, default 2)
-    is the trimmed-mean attack's scaling in [1, 2]. ``collude`` default True.
+    :func:`fang_krum_bound` halved until Krum picks it (:func:`largest_accepted`); Krum's
+    ``f`` is the rule's ``f`` option when known, else the number of present malicious
+    rows; against multi_krum it must be among the selected), or ``auto`` (default:
+    ``krum`` when ``knows_rule`` and the rule is krum / multi_krum, else ``trimmed_mean``).
+    ``b`` (traced, default 2) is the trimmed-mean attack's scaling in [1, 2]. ``collude``
+    default True.
     """
     o, setup = parse(
         "fang",
@@ -303,8 +248,7 @@ def make_fang(**kw) -> Attack:
     variant = o["variant"]
     if variant == "auto":
         variant = "krum" if o["knows_rule"] and setup.rule in KRUM_RULES else "trimmed_mean"
-    rule_f = rule_kw(setup).get("f") if o["knows_rule"] and setup.rule in KRUM_RULES else None
-    rule_f = rule_f if isinstance(rule_f, int) and not isinstance(rule_f, bool) else None
+    rule_f, select = krum_options(setup) if o["knows_rule"] else (None, 1)
 
     def craft_trimmed(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
@@ -318,7 +262,9 @@ def make_fang(**kw) -> Attack:
         c = count(present(ctx) & is_malicious)
         f = c if rule_f is None else jnp.float32(rule_f)
         s = jnp.sign(masked_mean(rows, mask))
-        u = -fang_krum_lambda(rows, mask, c, f, s) * s
+        base = jnp.zeros_like(s)
+        accepts = lambda lams: krum_accepts(rows, mask, c, f, select, base, -s, lams)
+        u = -largest_accepted(accepts, fang_krum_bound(rows, mask, c)) * s
         scale = ctx.hparams.get("jitter", o["jitter"])
         return single_or_jittered(updates, is_malicious, ctx, u, o["collude"], scale)
 
