@@ -26,6 +26,7 @@ from fedsim.registry import ConfigError
 
 BLOCK = 512  # columns per block: a [1000, 512] block of keys is 2 MB
 _TOP = jnp.uint32(0xFFFFFFFF)
+UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 
 
 def check(ok: bool, message: str) -> None:
@@ -103,11 +104,13 @@ def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
     count_type = jnp.int16 if keys.shape[0] < 32767 else jnp.int32
     need = rank.astype(count_type)[:, None] + 1
     found = jnp.zeros((rank.shape[0], keys.shape[1]), jnp.uint32)
-    for bit in range(31, -1, -1):
-        low = jnp.uint32((1 << bit) - 1)
-        count = jnp.sum(keys[None] <= (found | low)[:, None, :], axis=1, dtype=count_type)
-        found = jnp.where(count >= need, found, found | jnp.uint32(1 << bit))
-    return found
+
+    def narrow(i, found):
+        bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+        count = jnp.sum(keys[None] <= (found | (bit - 1))[:, None, :], axis=1, dtype=count_type)
+        return jnp.where(count >= need, found, found | bit)
+
+    return lax.fori_loop(0, 32, narrow, found, unroll=UNROLL)
 
 
 def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
@@ -160,6 +163,7 @@ def median_block(x, present, m):
     (enough copies) or the smallest value above it. Returns ``(median [B], weight [n, B])``,
     weight = each row's share of the median.
     """
+    m = jnp.asarray(m)
     (lo,) = select(x, present, ((m - 1) // 2)[None])
     p = present[:, None]
     enough = jnp.sum(p & (x <= lo), axis=0) >= m // 2 + 1

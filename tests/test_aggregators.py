@@ -1,0 +1,462 @@
+"""Every registered aggregator against its float64 numpy reference, plus properties.
+
+A rule is tested by being registered: ``CASES`` gives its example options, reference and
+which properties it claims; a registered rule missing from ``CASES`` fails
+``test_every_rule_has_a_case``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_aggregators as ref
+
+from fedsim.aggregators import PRE, REGISTRY, make, reduce
+from fedsim.aggregators import _ops as ops
+from fedsim.aggregators.distance import coordinate_subset
+from fedsim.registry import ConfigError
+from fedsim.types import AggContext
+
+KEY = jax.random.PRNGKey(7)
+
+
+def linear_loss(p, x, y):
+    return jnp.mean((x @ p - y) ** 2)
+
+
+def linear_error(p, x, y):
+    return jnp.mean(jnp.abs(x @ p - y) > 0.5)
+
+
+class Env(NamedTuple):
+    key: jax.Array
+    glob: np.ndarray
+    jx: np.ndarray
+    jy: np.ndarray
+
+
+class Case(NamedTuple):
+    kw: dict  # factory options (f filled in per test as ``F``)
+    ref: object  # (x, w, env, f) -> (out, weight)
+    robust: bool = False  # output within the honest range when f rows are ±1e6 / NaN
+    equivariant: bool = False  # translation equivariant
+    subset: bool = True  # zero-weight rows == removed rows
+    judge: bool = False
+    exact_ties: bool = True  # equal scores in exact arithmetic are broken like the reference
+
+
+def _sub_cols(key, d, b, iters):
+    return [np.asarray(coordinate_subset(k, d, b)) for k in jax.random.split(key, iters)]
+
+
+CASES = {
+    "mean": Case({}, lambda x, w, e, f: ref.ref_mean(x, w), equivariant=True),
+    "median": Case({}, lambda x, w, e, f: ref.ref_median(x, w), robust=True, equivariant=True),
+    "trimmed_mean": Case(
+        {"beta": 0.2},
+        lambda x, w, e, f: ref.ref_trimmed_mean(x, w, 0.2),
+        robust=True,
+        equivariant=True,
+    ),
+    "meamed": Case(
+        {"f": "F"}, lambda x, w, e, f: ref.ref_meamed(x, w, f), robust=True, equivariant=True
+    ),
+    "krum": Case(
+        {"f": "F"}, lambda x, w, e, f: ref.ref_krum(x, w, f), robust=True, equivariant=True
+    ),
+    "multi_krum": Case(
+        {"f": "F"}, lambda x, w, e, f: ref.ref_multi_krum(x, w, f), robust=True, equivariant=True
+    ),
+    "bulyan": Case(
+        {"f": "F"}, lambda x, w, e, f: ref.ref_bulyan(x, w, f), robust=True, equivariant=True
+    ),
+    "geometric_median": Case(
+        {"iters": 60},
+        lambda x, w, e, f: ref.ref_geometric_median(x, w, 60),
+        robust=True,
+        equivariant=True,
+    ),
+    "centered_clipping": Case(
+        {"tau": 1.5, "iters": 3}, lambda x, w, e, f: ref.ref_centered_clipping(x, w, 1.5, 3)
+    ),
+    "norm_bound": Case({"max_norm": 2.0}, lambda x, w, e, f: ref.ref_norm_bound(x, w, 2.0)),
+    "dnc": Case(
+        {"f": "F", "iters": 2, "sub_dim": 4},
+        lambda x, w, e, f: ref.ref_dnc(x, w, f, 1.0, _sub_cols(e.key, x.shape[1], 4, 2)),
+        robust=True,
+        equivariant=True,
+        exact_ties=False,
+    ),
+    "foolsgold": Case({"kappa": 1.0}, lambda x, w, e, f: ref.ref_foolsgold(x, w, 1.0)),
+    "signguard": Case(
+        {"coord_frac": 0.5},
+        lambda x, w, e, f: ref.ref_signguard(
+            x, w, cols=np.asarray(coordinate_subset(e.key, x.shape[1], math.ceil(x.shape[1] / 2)))
+        ),
+    ),
+    "fltrust": Case(
+        {"root_lr": 0.05, "steps": 2},
+        lambda x, w, e, f: ref.ref_fltrust(x, w, e.glob, e.jx, e.jy, 0.05, 2),
+        judge=True,
+    ),
+    "zeno": Case(
+        {"b": "F", "rho": 1e-3},
+        lambda x, w, e, f: ref.ref_zeno(x, w, e.glob, e.jx, e.jy, f, 1e-3),
+        robust=True,
+        judge=True,
+    ),
+    "loss_rejection": Case(
+        {"f": "F"},
+        lambda x, w, e, f: ref.ref_loss_rejection(x, w, e.glob, e.jx, e.jy, f),
+        judge=True,
+        exact_ties=False,
+    ),
+    "error_rejection": Case(
+        {"f": "F", "error_fn": linear_error},
+        lambda x, w, e, f: ref.ref_loss_rejection(
+            x, w, e.glob, e.jx, e.jy, f, lambda p, a, b: float(np.mean(np.abs(a @ p - b) > 0.5))
+        ),
+        judge=True,
+    ),
+}
+
+
+def _options(name, f):
+    return {k: (f if v == "F" else v) for k, v in CASES[name].kw.items()}
+
+
+@functools.cache
+def _jitted(name, f, n_clients):
+    agg = make(name, **_options(name, f))
+
+    @jax.jit
+    def run(x, w, key, glob, jx, jy, hparams):
+        ctx = AggContext(glob, key, hparams, None, linear_loss, jx, jy)
+        return agg.aggregate(x, w, agg.init(glob, n_clients), ctx)
+
+    return run
+
+
+def _env(d, seed=0):
+    rng = np.random.default_rng(seed + 100)
+    jx = rng.standard_normal((8, d)).astype(np.float32)
+    return Env(
+        KEY, rng.standard_normal(d).astype(np.float32) * 0.1, jx, jx @ np.ones(d, np.float32)
+    )
+
+
+def _run(name, x, w, f, env, hparams=None):
+    out, _, info = _jitted(name, f, x.shape[0])(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        env.key,
+        env.glob,
+        env.jx,
+        env.jy,
+        hparams or {},
+    )
+    return np.asarray(out, np.float64), np.asarray(info.weight, np.float64)
+
+
+def _apply(agg, x, w, state=None, ctx=None):
+    """Jitted ``agg.aggregate`` (eager op-by-op dispatch is slow)."""
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    d = x.shape[1]
+    state = agg.init(jnp.zeros(d), x.shape[0]) if state is None else state
+    ctx = AggContext(jnp.zeros(d), KEY, {}) if ctx is None else ctx
+    return jax.jit(agg.aggregate)(x, w, state, ctx)
+
+
+def _data(n, d, seed, kind="normal"):
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        x = rng.integers(-2, 3, (n, d)).astype(np.float32)
+    elif kind == "duplicates":
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        x[1::3] = x[0]
+    elif kind == "equal":
+        x = np.tile(rng.standard_normal(d).astype(np.float32), (n, 1))
+    else:
+        x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    w[rng.choice(n, 2, replace=False)] = 0
+    x[w == 0] = np.nan  # absent rows must not matter at all
+    return x, w
+
+
+def test_every_rule_has_a_case():
+    assert sorted(CASES) == REGISTRY.names()
+
+
+SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2)]
+EDGES = ["ties", "duplicates", "equal"]
+
+
+def _close(a, b, tol=2e-4):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_matches_reference(name):
+    for n, d, f, seed in SHAPES:
+        x, w = _data(n, d, seed)
+        env = _env(d, seed)
+        out, weight = _run(name, x, w, f, env)
+        want_out, want_weight = CASES[name].ref(x, w, env, f)
+        _close(out, want_out)
+        _close(weight, want_weight)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+@pytest.mark.parametrize("kind", EDGES)
+def test_matches_reference_at_edges(name, kind):
+    if kind != "ties" and not CASES[name].exact_ties:
+        pytest.skip("scores tie exactly here; float32 noise breaks the tie")
+    n, d, f = 11, 6, 2
+    x, w = _data(n, d, 3, kind)
+    env = _env(d)
+    out, weight = _run(name, x, w, f, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, f)
+    _close(out, want_out)
+    _close(weight, want_weight)
+
+
+@pytest.mark.parametrize("name", ["krum", "multi_krum", "meamed", "dnc"])
+def test_smallest_n_for_f(name):
+    n, d, f = 7, 6, 2  # n = 2f + 3
+    x, w = _data(n, d, 4)
+    w[:] = 1
+    x = np.nan_to_num(x)
+    env = _env(d)
+    out, weight = _run(name, x, w, f, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, f)
+    _close(out, want_out)
+    _close(weight, want_weight)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_permutation_invariance(name):
+    x, w = _data(11, 6, 5)
+    env = _env(6)
+    perm = np.random.default_rng(0).permutation(11)
+    out, weight = _run(name, x, w, 2, env)
+    out_p, weight_p = _run(name, x[perm], w[perm], 2, env)
+    _close(out, out_p, 1e-4)
+    _close(weight[perm], weight_p, 1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].equivariant])
+def test_translation_equivariance(name):
+    x, w = _data(11, 6, 6)
+    shift = np.linspace(-3, 3, 6).astype(np.float32)
+    env = _env(6)
+    out, _ = _run(name, x, w, 2, env)
+    out_s, _ = _run(name, x + shift, w, 2, env)
+    _close(out_s, out + shift, 1e-3)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].subset])
+def test_zero_weight_rows_are_removed_rows(name):
+    x, w = _data(15, 9, 7)
+    keep = w > 0
+    env = _env(9)
+    out, weight = _run(name, x, w, 2, env)
+    out_s, weight_s = _run(name, x[keep], w[keep], 2, env)
+    _close(out, out_s, 1e-4)
+    _close(weight[keep], weight_s, 1e-4)
+    assert np.all(weight[~keep] == 0)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].robust])
+@pytest.mark.parametrize("attack", [1e6, -1e6, np.nan])
+def test_attackers_stay_outside(name, attack):
+    n, d, f = 15, 9, 2
+    x, w = _data(n, d, 8)
+    w[:] = 1
+    x = np.random.default_rng(8).standard_normal((n, d)).astype(np.float32)
+    x[:f] = attack
+    out, _ = _run(name, x, w, f, _env(d))
+    honest = x[f:]
+    assert np.all(np.isfinite(out))
+    assert np.all(out >= honest.min(0) - 1e-4) and np.all(out <= honest.max(0) + 1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if REGISTRY.meta(n).get("traced")])
+def test_traced_options_do_not_retrace(name):
+    traces = []
+    agg = make(name, **_options(name, 2))
+    env = _env(6)
+
+    @jax.jit
+    def run(x, w, hparams):
+        traces.append(1)
+        ctx = AggContext(env.glob, env.key, hparams, None, linear_loss, env.jx, env.jy)
+        return agg.aggregate(x, w, agg.init(env.glob, x.shape[0]), ctx)[0]
+
+    x, w = _data(11, 6, 9)
+    for value in (0.1, 0.3):
+        hp = {k: jnp.float32(value) for k in REGISTRY.meta(name)["traced"]}
+        run(jnp.asarray(x), jnp.asarray(w), hp)
+    assert len(traces) == 1
+
+
+def test_traced_option_is_used():
+    x, w = _data(11, 6, 10)
+    env = _env(6)
+    a, _ = _run("trimmed_mean", x, w, 2, env, {"beta": jnp.float32(0.0)})
+    b, _ = _run("trimmed_mean", x, w, 2, env, {"beta": jnp.float32(0.2)})
+    _close(a, ref.ref_trimmed_mean(x, w, 0.0)[0])
+    _close(b, ref.ref_trimmed_mean(x, w, 0.2)[0])
+
+
+def test_centered_clipping_keeps_previous_aggregate():
+    x, w = _data(11, 6, 11)
+    agg = make("centered_clipping", tau=1.0)
+    out1, state, _ = _apply(agg, x, w)
+    out2, _, info = _apply(agg, x, w, state)
+    want, want_w = ref.ref_centered_clipping(x, w, 1.0, 1, prev=np.asarray(out1))
+    _close(np.asarray(out2), want)
+    _close(np.asarray(info.weight), want_w)
+
+
+def test_foolsgold_history_follows_client_ids():
+    x, w = _data(11, 6, 12)
+    w[:] = 1
+    x = np.nan_to_num(x)
+    agg = make("foolsgold")
+    state = agg.init(jnp.zeros(6), 20)
+    ids = jnp.arange(11) + 5
+    ctx = AggContext(jnp.zeros(6), KEY, {}, ids)
+    _, state, _ = _apply(agg, x, w, state, ctx)
+    out, state, info = _apply(agg, x[::-1], w, state, ctx)
+    hist = np.asarray(state)[5:16]
+    np.testing.assert_allclose(hist, x + x[::-1], rtol=1e-6)
+    want, want_w = ref.ref_foolsgold(x[::-1], w, history=x)
+    _close(np.asarray(out), want)
+    _close(np.asarray(info.weight), want_w)
+
+
+# --- static checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, kw, n",
+    [
+        ("krum", {"f": 2}, 6),
+        ("multi_krum", {"f": 3}, 8),
+        ("bulyan", {"f": 2}, 10),
+        ("meamed", {"f": 3}, 6),
+    ],
+)
+def test_bounds_are_config_errors(name, kw, n):
+    with pytest.raises(ConfigError, match="needs n"):
+        reduce(name, jnp.ones((n, 3)), **kw)
+
+
+def test_invalid_options_are_config_errors():
+    with pytest.raises(ConfigError, match="beta"):
+        make("trimmed_mean", beta=0.5)
+    with pytest.raises(ConfigError, match="unknown option"):
+        make("median", pre=["nnm"], gamma=3)
+    with pytest.raises(ConfigError, match="unknown pre-aggregation"):
+        make("median", pre=["nope"])
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].judge])
+def test_behaviour_rules_need_a_judge(name):
+    with pytest.raises(ConfigError, match="needs ctx.loss_fn"):
+        reduce(name, jnp.ones((5, 3)), **_options(name, 1))
+
+
+def test_error_rejection_needs_error_fn():
+    env = _env(3)
+    ctx = AggContext(jnp.zeros(3), KEY, {}, None, linear_loss, env.jx[:, :3], env.jy)
+    with pytest.raises(ConfigError, match="error_fn"):
+        reduce("error_rejection", jnp.ones((5, 3)), ctx=ctx, f=1)
+
+
+# --- pre-aggregation and composition ------------------------------------------------------
+
+
+def test_every_stage_composes_with_mean():
+    x, w = _data(11, 6, 13)
+    for stage in PRE.names():
+        agg = make("mean", pre=[stage], **({"f": 2} if stage == "nnm" else {}))
+        out, _, info = _apply(agg, x, w)
+        assert np.all(np.isfinite(np.asarray(out))), stage
+        assert np.all(np.asarray(info.weight)[w == 0] == 0), stage
+
+
+@pytest.mark.parametrize(
+    "stage, reference", [("nnm", lambda x, w: ref.ref_nnm(x, w, 2)), ("clip", ref.ref_clip)]
+)
+def test_stage_then_trimmed_mean_matches_reference(stage, reference):
+    x, w = _data(11, 6, 14)
+    agg = make("trimmed_mean", beta=0.2, pre=[stage], **({"f": 2} if stage == "nnm" else {}))
+    out, _, info = _apply(agg, x, w)
+    rows, w2, mix = reference(np.where(w[:, None] > 0, x, 0), w)
+    want, rule_w = ref.ref_trimmed_mean(rows, w2, 0.2)
+    _close(np.asarray(out), want)
+    _close(np.asarray(info.weight), rule_w @ mix)
+
+
+def test_stage_options_by_mapping():
+    x, w = _data(11, 6, 15)
+    x = np.nan_to_num(x)
+    a, _, _ = _apply(make("median", pre=[{"name": "nnm", "f": 3}]), x, w)
+    rows, w2, _ = ref.ref_nnm(x, w, 3)
+    _close(np.asarray(a), ref.ref_median(rows, w2)[0])
+
+
+def test_bucketing_keeps_the_mean():
+    x, w = _data(12, 6, 16)
+    w[:] = 1
+    x = np.nan_to_num(x)
+    agg = make("mean", pre=[{"name": "bucketing", "s": 3}])
+    out, _, info = _apply(agg, x, w)
+    _close(np.asarray(out), x.mean(0))
+    _close(np.asarray(info.weight), np.full(12, 1 / 12))
+
+
+def test_bucketing_spoils_only_its_bucket():
+    x, w = _data(12, 6, 17)
+    w[:] = 1
+    x = np.nan_to_num(x)
+    x[0] = np.nan
+    agg = make("median", pre=[{"name": "bucketing", "s": 2}])
+    out, _, _ = _apply(agg, x, w)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+def test_radix_select_matches_sort_on_special_values():
+    rng = np.random.default_rng(18)
+    # no subnormals: XLA on CPU flushes them to zero
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, 2e-38, -2e-38, 3.4e38, -3.4e38, 1.0], np.float32
+    )
+    x = rng.choice(special, (9, 700)).astype(np.float32)
+    x[:, :50] = rng.standard_normal((9, 50))
+    present = jnp.ones(9, bool)
+    got = np.asarray(ops.select(jnp.asarray(x), present, jnp.arange(9)))
+    np.testing.assert_array_equal(got, np.sort(x, axis=0))
+
+
+def test_radix_select_blocks_cover_every_column():
+    x, _ = _data(7, 1300, 19)
+    x = np.nan_to_num(x)
+    present = jnp.ones(7, bool)
+    fn = jax.jit(
+        lambda a: ops.coordinatewise(lambda b, p: ops.median_block(b, p, 7), a, present, 512)
+    )
+    out, weight = fn(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), np.median(x, axis=0))
+    np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
