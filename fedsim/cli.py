@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run | list`` (``fedsim --help``).
+"""Command line: ``fedsim run | sweep | report | list`` (``fedsim --help``).
 
 Mistakes in the input are one line on stderr and exit code 2, never a traceback.
 """
@@ -20,24 +20,106 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one simulation from a YAML config")
     run.add_argument("config", help="YAML config file (see configs/default.yaml)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set client.lr=0.05 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set client.lr=0.05 (repeatable)",
+    )
     run.add_argument("--seed", type=int, default=None, help="run seed (overrides the config)")
-    run.add_argument("--out", default=None,
-                     help="output folder (default runs/<config name>-<timestamp>)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="allow writing into a folder that already holds a run")
+    run.add_argument(
+        "--out", default=None, help="output folder (default runs/<config name>-<timestamp>)"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow writing into a folder that already holds a run",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _layout_args(run)
+    sweep = sub.add_parser("sweep", help="run a sweep file as vmapped programs (resumable)")
+    sweep.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    sweep.add_argument(
+        "--out", default=None, help="sweep folder (default runs/sweep-<file name>); rerun to resume"
+    )
+    sweep.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/K",
+        help="run only part I of K (0 <= I < K), split by run id",
+    )
+    sweep.add_argument(
+        "--max-batch", type=int, default=None, help="at most this many runs per vmapped program"
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _layout_args(sweep)
+    report = sub.add_parser("report", help="plots and a summary table of sweep folders")
+    report.add_argument("dirs", nargs="+", help="sweep folders (several shards merge)")
+    report.add_argument("--out", default=None, help="report folder (default DIR/report)")
     sub.add_parser("list", help="list every registered component")
     return parser
+
+
+def _layout_args(p) -> None:
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="device memory budget in GiB (default 80%% of the device's, on CPU "
+        "of physical memory)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="shard each run's clients over this many devices (default: all)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run via jax.distributed.initialize (see README)",
+    )
+
+
+def _start_distributed(args) -> None:
+    """Several hosts: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID, or a cluster JAX detects by itself (SLURM, ...)."""
+    if not args.distributed:
+        return
+    import os
+
+    import jax
+
+    env = lambda k: int(os.environ[k]) if os.environ.get(k) else None
+    jax.distributed.initialize(
+        coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        num_processes=env("JAX_NUM_PROCESSES"),
+        process_id=env("JAX_PROCESS_ID"),
+    )
+
+
+def _layout(setup, args, n_runs: int = 1):
+    """Apply the memory plan and the device mesh to a Setup (``run`` and ``sweep``)."""
+    from fedsim import engine, memory
+
+    mesh = None if args.devices == 1 else engine.client_mesh(args.devices, setup.spec.participants)
+    n_dev = 1 if mesh is None else mesh.devices.size
+    plan = memory.plan(setup, n_runs, memory.budget_bytes(args.memory_gb), n_devices=n_dev)
+    return engine.with_layout(setup, client_chunk=plan.client_chunk, mesh=mesh)
 
 
 def cmd_list() -> int:
     from fedsim import aggregators, attacks, models
     from fedsim.data import PARTITIONS, REGISTRY
 
-    for title, reg in [("datasets", REGISTRY), ("partitions", PARTITIONS), ("models", models.REGISTRY),
-                       ("aggregators", aggregators.REGISTRY), ("attacks", attacks.REGISTRY)]:
+    for title, reg in [
+        ("datasets", REGISTRY),
+        ("partitions", PARTITIONS),
+        ("models", models.REGISTRY),
+        ("aggregators", aggregators.REGISTRY),
+        ("attacks", attacks.REGISTRY),
+    ]:
         print(f"{title}: {', '.join(reg.names())}")
     print("datasets also: tfds:<name> for any prepared tensorflow-datasets image set")
     return 0
@@ -50,7 +132,9 @@ def _out_dir(args) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{Path(args.config).stem}-{stamp}"
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"output folder {out} is not empty; choose another --out or add --overwrite")
+        raise ConfigError(
+            f"output folder {out} is not empty; choose another --out or add --overwrite"
+        )
     return out
 
 
@@ -68,7 +152,8 @@ def cmd_run(args) -> int:
     write_atomic(out / "config.yaml", dump(cfg))
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    setup = engine.prepare(spec)
+    _start_distributed(args)
+    setup = _layout(engine.prepare(spec), args)
 
     from tqdm import tqdm
 
@@ -100,8 +185,47 @@ def cmd_run(args) -> int:
     final = history[-1]
     acc = final["test_accuracy"]
     note = " (diverged: the aggregate became non-finite)" if summary["diverged"] else ""
-    print(f"round {final['round']}: test accuracy {acc if acc is None else round(acc, 4)}, "
-          f"{final['seconds']:.1f} s{note} -> {out}")
+    print(
+        f"round {final['round']}: test accuracy {acc if acc is None else round(acc, 4)}, "
+        f"{final['seconds']:.1f} s{note} -> {out}"
+    )
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from fedsim.sweep import load_sweep, parse_shard, run_sweep
+
+    sweep = load_sweep(args.sweep)
+    shard = parse_shard(args.shard)
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.sweep).stem}"
+    _start_distributed(args)
+    t0 = time.perf_counter()
+    stats = run_sweep(
+        sweep,
+        out,
+        shard=shard,
+        memory_gb=args.memory_gb,
+        mesh_devices=args.devices,
+        quiet=args.quiet,
+        max_batch=args.max_batch,
+    )
+    part = f" (shard {args.shard})" if shard else ""
+    print(
+        f"sweep{part}: {stats['ran']} runs in {stats['groups']} compiled groups, "
+        f"{stats['skipped']} already done, {time.perf_counter() - t0:.1f} s -> "
+        f"{out / 'results.csv'}"
+    )
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedsim.report import make_report
+
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    written = make_report(args.dirs, out)
+    print(f"report: {len(written)} files -> {out}")
     return 0
 
 
@@ -112,6 +236,10 @@ def main(argv=None) -> int:
             return cmd_list()
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "report":
+            return cmd_report(args)
     except ConfigError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2

@@ -60,6 +60,12 @@ class Setup(NamedTuple):
     n_classes: int
     input_shape: tuple
     max_steps: int  # largest number of local steps any client takes
+    # How the round lays out its clients (``with_layout``); neither changes results beyond
+    # float reassociation. client_chunk: train at most this many clients at once
+    # (``lax.map`` over chunks; None = all in one vmap). mesh: a ``jax.sharding.Mesh`` with
+    # a ``clients`` axis over which per-client arrays and the update matrix are sharded.
+    client_chunk: int | None = None
+    mesh: Any = None
 
 
 class RunState(NamedTuple):
@@ -130,6 +136,45 @@ def prepare(spec: Spec) -> Setup:
     )
 
 
+def with_layout(setup: Setup, client_chunk: int | None = None, mesh=None) -> Setup:
+    """The same Setup with a client chunk size and/or a device mesh (axis ``clients``);
+    with a mesh, the data is replicated over its devices."""
+    if client_chunk is not None and client_chunk < 1:
+        from fedsim.registry import ConfigError
+
+        raise ConfigError(f"client chunk must be >= 1, got {client_chunk}")
+    if client_chunk is not None and client_chunk >= setup.spec.participants:
+        client_chunk = None
+    data = setup.data
+    if mesh is not None:
+        if "clients" not in mesh.axis_names:
+            raise ValueError(f"mesh needs a 'clients' axis, has {mesh.axis_names}")
+        data = jax.device_put(data, replicated(mesh))
+    return setup._replace(client_chunk=client_chunk, mesh=mesh, data=data)
+
+
+def client_mesh(n_devices: int | None = None, participants: int | None = None):
+    """A 1-D ``Mesh`` named ``clients`` over the first ``n_devices`` devices (default: all).
+    With ``participants`` given, uses the largest device count that divides it, so every
+    device holds the same number of clients. Returns None for a single device."""
+    devices = jax.devices()
+    n = len(devices) if n_devices is None else n_devices
+    if n > len(devices):
+        from fedsim.registry import ConfigError
+
+        raise ConfigError(f"asked for {n} devices but only {len(devices)} exist")
+    if participants is not None:
+        n = max(k for k in range(1, n + 1) if participants % k == 0)
+    if n <= 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(devices[:n]), ("clients",))
+
+
+def replicated(mesh):
+    """A sharding that keeps a full copy on every device of ``mesh``."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _flat_unravel(setup: Setup):
     """``unravel`` that works on traced arrays (ravel_pytree's closes over shapes only)."""
     template = jax.eval_shape(setup.init_params, jax.random.PRNGKey(0))
@@ -177,7 +222,9 @@ def make_init(setup: Setup):
         params = setup.init_params(k_init)
         n_mal = jnp.round(hparams.attack_fraction * spec.n_clients).astype(jnp.int32)
         order = jax.random.permutation(k_mal, spec.n_clients)
-        malicious = jnp.zeros(spec.n_clients, bool).at[order].set(jnp.arange(spec.n_clients) < n_mal)
+        malicious = (
+            jnp.zeros(spec.n_clients, bool).at[order].set(jnp.arange(spec.n_clients) < n_mal)
+        )
         flat, _ = ravel_pytree(params)
         return RunState(
             params=params,
@@ -200,7 +247,16 @@ def make_round(setup: Setup):
     apply_fn = setup.module.apply
     train_poisoned = make_local_train(apply_fn, local, poison=attack.poison)
     train_clean = make_local_train(apply_fn, local)
-    client_axes = (None, None, None, 0, 0, None, 0, None, 0)
+
+    def shard_clients(tree):
+        """Lay the leading (client) axis of every leaf over the mesh's ``clients`` axis."""
+        if setup.mesh is None:
+            return tree
+        P = jax.sharding.PartitionSpec
+        spec_of = lambda x: jax.sharding.NamedSharding(
+            setup.mesh, P("clients", *[None] * (x.ndim - 1))
+        )
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec_of(x)), tree)
 
     def flat_loss(flat, x, y):
         logits = apply_fn({"params": unravel(flat)}, x)
@@ -217,17 +273,31 @@ def make_round(setup: Setup):
         is_mal = state.malicious[clients]
         n_steps = jnp.max(n_local_steps(local, count))
         client_keys = jax.vmap(lambda c: jax.random.fold_in(k_train, c))(clients)
-        hp = {"lr": hparams.client_lr, "momentum": hparams.client_momentum, "attack": hparams.attack}
-        args = (data.x, data.y, data.idx[clients], count, n_steps, client_keys, hp)
-        trained = jax.vmap(train_poisoned, in_axes=client_axes)(state.params, *args, is_mal)
-        updates = ravel_rows(trained)
+        hp = {
+            "lr": hparams.client_lr,
+            "momentum": hparams.client_momentum,
+            "attack": hparams.attack,
+        }
+        per_client = shard_clients((data.idx[clients], count, client_keys, is_mal))
+
+        def train_all(train_fn):  # -> [m, d] updates, rows in the order of ``clients``
+            def one(row):
+                idx_row, cnt, k, mal = row
+                return train_fn(state.params, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal)
+
+            if setup.client_chunk is None:
+                trained = jax.vmap(one)(per_client)
+            else:  # bounds the training working set to client_chunk clients at a time
+                trained = jax.lax.map(one, per_client, batch_size=setup.client_chunk)
+            return shard_clients(ravel_rows(trained))
+
+        updates = train_all(train_poisoned)
         global_flat, _ = ravel_pytree(state.params)
         has_judge = data.judge_x.shape[0] > 0
         if attack.craft is not None:
             benign = None
             if attack.needs_benign:
-                clean = jax.vmap(train_clean, in_axes=client_axes)(state.params, *args, is_mal)
-                benign = ravel_rows(clean)
+                benign = train_all(train_clean)
             actx = AttackContext(
                 global_params=global_flat,
                 key=k_attack,
@@ -250,7 +320,9 @@ def make_round(setup: Setup):
             judge_y=data.judge_y if has_judge else None,
         )
         delta, agg_state, info = agg.aggregate(updates, weights, state.agg_state, ctx)
-        server_opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
+        server_opt = make_optimizer(
+            spec.server_optimizer, hparams.server_lr, hparams.server_momentum
+        )
         grad = jax.tree.map(jnp.negative, unravel(delta))
         step, opt_state = server_opt.update(grad, state.server_opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, step)
@@ -261,8 +333,9 @@ def make_round(setup: Setup):
             update_norm=jnp.linalg.norm(delta),
             finite=jnp.all(jnp.isfinite(delta)),
         )
-        new_state = RunState(params, opt_state, agg_state, state.malicious, state.rounds_key,
-                             state.round + 1)
+        new_state = RunState(
+            params, opt_state, agg_state, state.malicious, state.rounds_key, state.round + 1
+        )
         return new_state, metrics
 
     return round_step
@@ -278,7 +351,9 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
         b = min(total, eval_batch)
         k = -(-total // b)
         pad = jnp.concatenate([x, jnp.zeros((k * b - total, *x.shape[1:]), x.dtype)])
-        logits = jax.lax.map(lambda xb: apply_fn({"params": params}, xb), pad.reshape(k, b, *x.shape[1:]))
+        logits = jax.lax.map(
+            lambda xb: apply_fn({"params": params}, xb), pad.reshape(k, b, *x.shape[1:])
+        )
         return logits.reshape(k * b, -1)[:total]
 
     def evaluate(params, data: Data):
@@ -330,6 +405,8 @@ def run(setup: Setup, hparams: HParams, seed: int, on_eval: Callable | None = No
     init = jax.jit(make_init(setup))
     chunk_fns = {}
     state = init(jax.random.PRNGKey(seed), hparams)
+    if setup.mesh is not None:
+        state = jax.device_put(state, replicated(setup.mesh))
     history, done, start = [], 0, time.perf_counter()
     while done < spec.rounds:
         n = min(spec.eval_every, spec.rounds - done)

@@ -1,0 +1,186 @@
+"""Memory planning: estimate a program's device memory before compiling it, and choose
+how many runs to vmap at once and how many clients to train at once so it fits.
+
+The estimate (bytes, float32 = 4) for ``B`` vmapped runs, ``m`` participants, ``d``
+parameters and ``c`` clients trained at once (on ``D`` devices sharing the client axis):
+
+- data, shared by every run: the arrays of ``setup.data`` (training set, index table,
+  test and judge sets);
+- per run, the state held across rounds (params, server optimizer, aggregator state, read
+  from ``jax.eval_shape`` of init), twice: the scan carries an input and an output copy;
+- per run, the round's update matrices ``[m, d]``: the trained client pytrees, their
+  ravelled matrix, the crafted matrix when there is an attack, the benign ones when the
+  attack needs them, and the aggregator's working set (``AGG_COPIES`` matrices plus an
+  ``m x m`` Gram matrix); divided by ``D`` when the client axis is sharded;
+- per run, local training of ``c`` clients at once: per client a params copy, its
+  gradient, new params and optimizer slots, plus activations of a batch;
+- per run, evaluation activations of one 1,000-sample test batch.
+
+It is deliberately conservative (XLA reuses buffers, so the compiled program usually
+needs less); ``tests/test_memory.py`` checks it stays above XLA's own figure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+from fedsim.registry import ConfigError
+
+GB = 1024**3
+DEFAULT_FRACTION = 0.8  # of device (or, on CPU, physical) memory
+AGG_COPIES = 2  # [m, d] matrices an aggregation rule may hold besides its input
+OPT_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+
+
+class Plan(NamedTuple):
+    batch: int  # runs vmapped in one program
+    client_chunk: int | None  # clients trained at once (None: all participants)
+    estimate_bytes: int  # estimated peak device memory of the program
+    budget_bytes: int
+
+
+def device_memory_bytes() -> int:
+    """Memory of the first device: the allocator's limit on an accelerator, the machine's
+    physical memory on CPU."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def budget_bytes(memory_gb: float | None = None) -> int:
+    """``memory_gb`` GiB if given, else DEFAULT_FRACTION of the device memory."""
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise ConfigError(f"--memory-gb must be > 0, got {memory_gb}")
+        return int(memory_gb * GB)
+    return int(DEFAULT_FRACTION * device_memory_bytes())
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+class Footprint(NamedTuple):
+    """Setup-derived sizes the estimate is a function of (bytes unless said)."""
+
+    data: int
+    state: int  # one run's RunState
+    d: int  # parameters
+    participants: int
+    update_copies: int  # [m, d] matrices live in a round, besides the aggregator's
+    per_client_train: int  # bytes one client needs while it trains
+    eval_act: int
+
+
+def footprint(setup) -> Footprint:
+    """Measure what the estimate needs from a Setup (shapes only: nothing is compiled)."""
+    import jax
+
+    from fedsim import engine
+
+    spec = setup.spec
+    _, attack = engine.components(setup)
+    hp_shape = _hparams_shapes(setup)
+    state = jax.eval_shape(engine.make_init(setup), jax.random.PRNGKey(0), hp_shape)
+    d = setup.n_params
+    copies = 2 + (attack.craft is not None) + 2 * bool(attack.needs_benign)
+    widths = _activation_width(setup)
+    slots = OPT_SLOTS.get(spec.client_optimizer, 2)
+    per_client = 4 * d * (4 + slots) + 4 * 3 * spec.batch_size * widths
+    return Footprint(
+        data=_nbytes(setup.data),
+        state=_nbytes(state),
+        d=d,
+        participants=spec.participants,
+        update_copies=copies,
+        per_client_train=per_client,
+        eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
+    )
+
+
+def _hparams_shapes(setup):
+    """HParams of scalars with the attack/aggregator keys the Spec's components trace."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedsim import aggregators, attacks
+    from fedsim.config import HParams
+
+    spec = setup.spec
+    s = jax.ShapeDtypeStruct((), jnp.float32)
+    agg = {k: s for k in aggregators.REGISTRY.meta(spec.aggregator).get("traced", ())}
+    att = {k: s for k in attacks.REGISTRY.meta(spec.attack).get("traced", ())}
+    return HParams(s, s, s, s, s, agg, att)
+
+
+def _activation_width(setup) -> int:
+    """Floats per sample held by a forward pass: input, hidden layers, logits."""
+    width = math.prod(setup.input_shape) + setup.n_classes
+    kw = dict(setup.spec.model_kw)
+    widths = kw.get("widths", (100,)) if setup.spec.model == "mlp" else ()
+    if setup.spec.model == "cnn":  # conv feature maps: a generous multiple of the input
+        width += 64 * math.prod(setup.input_shape)
+    return int(width + sum(widths))
+
+
+def estimate(
+    fp: Footprint,
+    batch: int,
+    client_chunk: int | None,
+    n_devices: int = 1,
+    participants: int | None = None,
+) -> int:
+    """Estimated peak bytes for ``batch`` runs at ``client_chunk`` clients at once."""
+    m = participants or fp.participants
+    c = m if client_chunk is None else min(client_chunk, m)
+    updates = 4 * m * fp.d * (fp.update_copies + AGG_COPIES) + 4 * m * m
+    per_run = (
+        2 * fp.state + updates // n_devices + c * fp.per_client_train // n_devices + fp.eval_act
+    )
+    return fp.data + batch * per_run
+
+
+def _chunks(m: int):
+    c = m
+    while True:
+        yield c
+        if c == 1:
+            return
+        c = max(1, c // 2)
+
+
+def plan(setup, n_runs: int, budget: int, n_devices: int = 1, max_batch: int | None = None) -> Plan:
+    """The largest client chunk (all participants if possible) at which one run fits,
+    then as many runs per batch as fit. Raises a one-line ``ConfigError`` when even one
+    run training one client at a time does not fit."""
+    fp = footprint(setup)
+    m = fp.participants
+    for c in _chunks(m):
+        one = estimate(fp, 1, c, n_devices)
+        if one <= budget:
+            per_run = one - fp.data
+            batch = max(1, min(n_runs, (budget - fp.data) // max(per_run, 1)))
+            if max_batch is not None:
+                batch = max(1, min(batch, max_batch))
+            chunk = None if c == m else c
+            return Plan(int(batch), chunk, estimate(fp, batch, c, n_devices), budget)
+    need = estimate(fp, 1, 1, n_devices)
+    lo, hi = 0, m - 1  # largest participant count that fits (the estimate grows with it)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if estimate(fp, 1, 1, n_devices, mid) <= budget else (lo, mid - 1)
+    hint = f"client.participants={lo}" if lo else "none (the data alone does not fit)"
+    raise ConfigError(
+        f"{setup.spec.participants} participants x {fp.d} parameters needs an estimated "
+        f"{need / GB:.2f} GB even with 1 run and 1 client trained at a time, but the memory "
+        f"budget is {budget / GB:.2f} GB (--memory-gb); largest that fits: {hint}"
+    )

@@ -1,0 +1,519 @@
+"""Sweeps: a grid of configs run as vmapped programs, resumably (DESIGN.md, "sweep.py").
+
+A sweep file is a mapping::
+
+    base: configs/digits.yaml      # a config file (relative to the CWD, else to this file)
+                                   # or an inline mapping of config keys
+    grid:                          # cartesian product over dotted config keys
+      client.lr: [0.05, 0.1]
+      attack: [{name: none}, {name: alie, fraction: 0.2}]
+    zip:                           # lists advanced together (one mapping, or a list of
+      attack.z: [0.5, 1.0]         # mappings each advanced on its own); every list of a
+      server.lr: [1.0, 0.5]        # mapping has the same length
+    seeds: 3                       # an int n (seeds 0..n-1) or a list of seeds
+
+Every point of ``grid x zip blocks x seeds`` is one run. Its ``run_id`` is a stable hash
+of its resolved config (so a point means the same run in every sweep that contains it).
+Runs are grouped by what fixes the compiled program (the ``Spec`` and the structure of
+``HParams``); each group is prepared once and run as one program ``vmap``-ed over its runs'
+seeds and HParams, in batches that the memory planner (``fedsim.memory``) sizes to fit.
+
+Output folder ``DIR``: ``DIR/sweep.yaml`` (the sweep as resolved), ``DIR/runs/<run_id>/``
+with ``config.yaml``, ``metrics.jsonl`` and, written last, ``summary.json`` (its presence
+marks the run as done), all written atomically; ``DIR/results.csv`` (and
+``results.parquet`` when pyarrow is importable): one row per finished run. Rerunning skips
+finished runs; ``--shard i/k`` keeps the runs whose ``run_id`` falls in part ``i`` of ``k``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io as _io
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim.config import DEFAULTS, _merge, dump, set_path, to_spec, validate
+from fedsim.io import write_atomic, write_json
+from fedsim.registry import ConfigError
+
+SWEEP_KEYS = ("base", "grid", "zip", "seeds")
+
+
+@dataclass
+class RunPoint:
+    """One run of a sweep: its id, resolved config and the swept values that made it."""
+
+    run_id: str
+    cfg: dict
+    point: dict  # dotted key -> value, for every swept key, plus "seed"
+
+
+@dataclass
+class Sweep:
+    runs: list[RunPoint]
+    keys: list[str]  # swept keys in file order, then "seed"
+    resolved: dict = field(default_factory=dict)  # the sweep with its base inlined
+
+
+def run_id(cfg: dict) -> str:
+    """A stable 16-hex-digit hash of a resolved config (key order does not matter)."""
+    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+
+
+def _base_config(base: Any, sweep_path: Path | None) -> dict:
+    if base is None:
+        return {}
+    if isinstance(base, dict):
+        return base
+    if isinstance(base, str):
+        candidates = [Path(base)]
+        if sweep_path is not None and not Path(base).is_absolute():
+            candidates.append(sweep_path.parent / base)
+        for cand in candidates:
+            if cand.is_file():
+                user = _read_yaml(cand, "base config") or {}
+                if not isinstance(user, dict):
+                    raise ConfigError(f"base config {cand} must hold a mapping of config keys")
+                return user
+        raise ConfigError(f"base config {base!r} does not exist")
+    raise ConfigError(f"sweep 'base' must be a config path or a mapping, got {type(base).__name__}")
+
+
+def _axes(doc: dict) -> list[tuple[tuple[str, ...], list[tuple]]]:
+    """The sweep's independent axes: each is (keys, list of value tuples)."""
+    axes = []
+    grid = doc.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError("sweep 'grid' must be a mapping of dotted key -> list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key} must be a non-empty list of values, got {values!r}")
+        axes.append(((str(key),), [(v,) for v in values]))
+    blocks = doc.get("zip") or []
+    blocks = [blocks] if isinstance(blocks, dict) else blocks
+    if not isinstance(blocks, list):
+        raise ConfigError("sweep 'zip' must be a mapping (or a list of mappings) of key -> list")
+    for block in blocks:
+        if not isinstance(block, dict) or not block:
+            raise ConfigError("each zip block must be a non-empty mapping of key -> list")
+        lengths = set()
+        for key, values in block.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"zip.{key} must be a non-empty list of values, got {values!r}")
+            lengths.add(len(values))
+        if len(lengths) != 1:
+            sizes = ", ".join(f"{k}: {len(v)}" for k, v in block.items())
+            raise ConfigError(f"zip lists must have equal lengths, got {sizes}")
+        keys = tuple(str(k) for k in block)
+        axes.append((keys, list(zip(*block.values(), strict=True))))
+    seen: set[str] = set()
+    for keys, _ in axes:
+        for key in keys:
+            if key in seen or key == "seed":
+                raise ConfigError(f"sweep key {key!r} is set twice (use 'seeds' for seeds)")
+            seen.add(key)
+    return axes
+
+
+def _seeds(doc: dict, base_seed: int) -> list[int]:
+    seeds = doc.get("seeds", [base_seed])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigError(f"sweep 'seeds' must be >= 1 or a list of seeds, got {seeds}")
+        return list(range(seeds))
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise ConfigError(f"sweep 'seeds' must be an int or a list of seeds >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"sweep 'seeds' lists a seed twice: {seeds}")
+    return seeds
+
+
+def expand(doc: Any, sweep_path: Path | None = None) -> Sweep:
+    """Expand a sweep document into validated runs (see the module docstring)."""
+    if not isinstance(doc, dict):
+        raise ConfigError("a sweep file must hold a mapping with base, grid, zip and seeds")
+    unknown = sorted(set(doc) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown sweep key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)}")
+    base = _merge(copy.deepcopy(DEFAULTS), _base_config(doc.get("base"), sweep_path))
+    axes = _axes(doc)
+    seeds = _seeds(doc, base["seed"])
+    keys = [k for ks, _ in axes for k in ks] + ["seed"]
+    runs, ids = [], set()
+    for combo in itertools.product(*[values for _, values in axes]):
+        point = {}
+        for (ks, _), values in zip(axes, combo, strict=True):
+            point.update(zip(ks, values, strict=True))
+        cfg = base
+        for key, value in point.items():
+            try:
+                cfg = set_path(cfg, key, copy.deepcopy(value))
+            except ConfigError as err:
+                raise ConfigError(f"sweep key {key!r}: {err}") from None
+        for seed in seeds:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg["seed"] = seed
+            try:
+                validate(run_cfg)
+            except ConfigError as err:
+                where = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
+                raise ConfigError(f"sweep point {where}: {err}") from None
+            rid = run_id(run_cfg)
+            if rid in ids:  # e.g. a grid over a key whose values resolve to the same config
+                continue
+            ids.add(rid)
+            runs.append(RunPoint(rid, run_cfg, {**point, "seed": seed}))
+    resolved = {k: v for k, v in doc.items() if k != "base"}
+    resolved = {"base": base, **resolved}
+    return Sweep(runs, keys, resolved)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and expand a sweep file."""
+    path = Path(path)
+    return expand(_read_yaml(path, "sweep file"), path)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/k"`` (0 <= i < k) -> ``(i, k)``."""
+    if text is None:
+        return None
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects I/K with 0 <= I < K (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < k:
+        raise ConfigError(f"--shard expects I/K with 0 <= I < K (e.g. 0/4), got {text!r}")
+    return i, k
+
+
+def in_shard(rid: str, shard: tuple[int, int] | None) -> bool:
+    """Deterministic split by run_id: run ``rid`` belongs to part ``int(rid) mod k``."""
+    return shard is None or int(rid, 16) % shard[1] == shard[0]
+
+
+def is_done(run_dir: Path) -> bool:
+    """A run is done when its summary.json (written last, atomically) parses."""
+    try:
+        json.loads((run_dir / "summary.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def summarize(history: list[dict]) -> dict:
+    """Final and best metrics of one run's history (best accuracy = max, best loss = min,
+    attack success = its peak over evaluations)."""
+
+    def pick(name, fn):
+        values = [r[name] for r in history if r.get(name) is not None]
+        return fn(values) if values else None
+
+    out = {"final": history[-1], "diverged": not all(r.get("finite", True) for r in history)}
+    out["best_test_accuracy"] = pick("test_accuracy", max)
+    out["best_test_loss"] = pick("test_loss", min)
+    if any("attack_success_rate" in r for r in history):
+        out["peak_attack_success_rate"] = pick("attack_success_rate", max)
+    return out
+
+
+def write_run(run_dir: Path, run: RunPoint, history: list[dict], extra: dict) -> None:
+    """Record one finished run; summary.json goes last so it marks completion."""
+    write_atomic(run_dir / "config.yaml", dump(run.cfg))
+    write_atomic(
+        run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+    )
+    summary = {
+        "run_id": run.run_id,
+        "point": run.point,
+        "swept": list(run.point),
+        "seed": run.cfg["seed"],
+        "rounds": run.cfg["rounds"],
+        **summarize(history),
+        **extra,
+    }
+    write_json(run_dir / "summary.json", summary)
+
+
+def _stack(trees):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _balanced(n: int, cap: int) -> int:
+    """Batch size <= cap that splits n runs into ceil(n/cap) near-equal batches."""
+    n_batches = -(-n // cap)
+    return -(-n // n_batches)
+
+
+_PROGRAMS: dict = {}  # (spec, layout, rounds per chunk) -> jitted vmapped chunk
+_MAX_PROGRAMS = 8
+
+
+def _program(setup, n: int):
+    """The jitted, run-vmapped chunk of ``n`` rounds, reused across calls in a process (a
+    rerun or a second shard then skips the compile when the batch shape repeats)."""
+    import jax
+
+    from fedsim import engine
+
+    key = (setup.spec, setup.client_chunk, setup.mesh, n)
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= _MAX_PROGRAMS:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        fn = jax.vmap(engine.make_chunk(setup, n), in_axes=(0, 0, None))
+        _PROGRAMS[key] = jax.jit(fn, donate_argnums=0)
+    return _PROGRAMS[key]
+
+
+def run_group(setup, hparams_list, seeds, batch, on_chunk=None) -> list[list[dict]]:
+    """Run every (hparams, seed) of one group; ``batch`` runs at a time as one vmapped
+    program (the last batch is padded by repeating its last run, so one compile serves
+    all). ``on_chunk(n_runs, n_rounds)`` reports progress. Returns each run's history."""
+    import jax
+
+    from fedsim import engine
+
+    spec = setup.spec
+    batch = _balanced(len(seeds), batch)
+    init = jax.jit(jax.vmap(engine.make_init(setup)))
+    histories: list[list[dict]] = []
+    for start in range(0, len(seeds), batch):
+        real = len(seeds[start : start + batch])
+        idx = [min(start + j, len(seeds) - 1) for j in range(batch)]
+        hparams = _stack([hparams_list[i] for i in idx])
+        keys = jax.numpy.stack([jax.random.PRNGKey(seeds[i]) for i in idx])
+        state = init(keys, hparams)
+        if setup.mesh is not None:
+            state = jax.device_put(state, engine.replicated(setup.mesh))
+        part = [[] for _ in range(real)]
+        done, t0 = 0, time.perf_counter()
+        while done < spec.rounds:
+            n = min(spec.eval_every, spec.rounds - done)
+            state, metrics = _program(setup, n)(state, hparams, setup.data)
+            metrics = jax.device_get(metrics)
+            done += n
+            seconds = time.perf_counter() - t0
+            for j in range(real):
+                row = engine.to_host({k: v[j] for k, v in metrics.items()})
+                part[j].append({"round": done, **row, "seconds": seconds})
+            if on_chunk is not None:
+                on_chunk(real, n)
+        histories.extend(part)
+    return histories
+
+
+def group_runs(runs: list[RunPoint]) -> list[tuple[Any, list[RunPoint], list]]:
+    """Group runs by compiled program: (Spec, HParams structure). Returns
+    ``[(spec, runs, hparams)]`` in first-seen order."""
+    import jax
+
+    groups: dict[Any, tuple[Any, list, list]] = {}
+    for run in runs:
+        spec, hp = to_spec(run.cfg)
+        key = (spec, jax.tree.structure(hp))
+        groups.setdefault(key, (spec, [], []))
+        groups[key][1].append(run)
+        groups[key][2].append(hp)
+    return list(groups.values())
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    shard: tuple[int, int] | None = None,
+    memory_gb: float | None = None,
+    mesh_devices: int | None = None,
+    quiet: bool = False,
+    max_batch: int | None = None,
+) -> dict:
+    """Run every unfinished run of ``sweep`` (in ``shard``) into ``out``; write results.
+    Returns counts ``{"total", "skipped", "ran", "groups"}``."""
+    import jax
+    from tqdm import tqdm
+
+    from fedsim import engine, memory
+
+    out = Path(out)
+    mine = [r for r in sweep.runs if in_shard(r.run_id, shard)]
+    todo = [r for r in mine if not is_done(out / "runs" / r.run_id)]
+    leader = jax.process_index() == 0
+    if leader:
+        write_atomic(out / "sweep.yaml", yaml.safe_dump(sweep.resolved, sort_keys=False))
+    groups = group_runs(todo)
+    budget = memory.budget_bytes(memory_gb)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        unit="run",
+        disable=quiet,
+        file=sys.stderr,
+        smoothing=0.05,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}]{postfix}",
+    )
+    for g, (spec, runs, hps) in enumerate(groups):
+        setup = engine.prepare(spec)
+        mesh = engine.client_mesh(mesh_devices, spec.participants) if mesh_devices != 1 else None
+        n_dev = 1 if mesh is None else mesh.devices.size
+        plan = memory.plan(setup, len(runs), budget, n_devices=n_dev, max_batch=max_batch)
+        setup = engine.with_layout(setup, client_chunk=plan.client_chunk, mesh=mesh)
+        bar.set_postfix_str(f"group {g + 1}/{len(groups)}, {plan.batch} runs/batch")
+        per_run_rounds = spec.rounds
+        on_chunk = lambda real, n, r=per_run_rounds: bar.update(real * n / r)
+        t0 = time.perf_counter()
+        histories = run_group(setup, hps, [r.cfg["seed"] for r in runs], plan.batch, on_chunk)
+        seconds = time.perf_counter() - t0
+        extra = {
+            "n_params": setup.n_params,
+            "batch": plan.batch,
+            "client_chunk": plan.client_chunk,
+            "devices": n_dev,
+            "group_seconds": seconds,
+            "group_runs": len(runs),
+            "device": str(jax.devices()[0]),
+        }
+        if leader:
+            for run, history in zip(runs, histories, strict=True):
+                write_run(out / "runs" / run.run_id, run, history, extra)
+    bar.close()
+    if leader:
+        ids = {r.run_id for r in sweep.runs}
+        write_results(out, [row for row in collect_rows([out]) if row["run_id"] in ids])
+    return {
+        "total": len(mine),
+        "skipped": len(mine) - len(todo),
+        "ran": len(todo),
+        "groups": len(groups),
+    }
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def _flatten(point: dict) -> dict:
+    """Swept values as table cells: mappings flatten to dotted keys, lists become JSON."""
+    out = {}
+    for key, value in point.items():
+        if isinstance(value, dict):
+            out.update(_flatten({f"{key}.{k}": v for k, v in value.items()}))
+        elif isinstance(value, list | tuple):
+            out[key] = json.dumps(value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_runs(dirs) -> list[dict]:
+    """Every finished run under the sweep folders ``dirs`` (several folders, or shards
+    written into one, merge here; a run found twice is kept once), as dicts with
+    ``run_id``, ``summary`` and ``history``."""
+    found: dict[str, dict] = {}
+    for d in dirs:
+        root = Path(d) / "runs"
+        if not Path(d).is_dir():
+            raise ConfigError(f"sweep folder {str(d)!r} does not exist")
+        for run_dir in sorted(root.glob("*")) if root.is_dir() else []:
+            if run_dir.name in found or not is_done(run_dir):
+                continue
+            from fedsim.io import read_jsonl
+
+            summary = json.loads((run_dir / "summary.json").read_text())
+            history = read_jsonl(run_dir / "metrics.jsonl")
+            found[run_dir.name] = {"run_id": run_dir.name, "summary": summary, "history": history}
+    return [found[k] for k in sorted(found)]
+
+
+def point_of(summary: dict) -> dict:
+    """A run's swept values in sweep-file order (summary.json stores keys sorted)."""
+    point = summary.get("point", {"seed": summary.get("seed")})
+    order = summary.get("swept", list(point))
+    return {k: point[k] for k in order if k in point}
+
+
+def row_of(run: dict) -> dict:
+    """One results-table row: run_id, swept keys, final_<metric>, best metrics."""
+    s = run["summary"]
+    row = {"run_id": run["run_id"], **_flatten(point_of(s))}
+    for k, v in s["final"].items():
+        if k not in ("seconds",):
+            row[f"final_{k}"] = v
+    for k in ("best_test_accuracy", "best_test_loss", "peak_attack_success_rate"):
+        if k in s:
+            row[k] = s[k]
+    row["diverged"] = s.get("diverged")
+    return row
+
+
+def collect_rows(dirs) -> list[dict]:
+    return [row_of(r) for r in load_runs(dirs)]
+
+
+def columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+    return cols
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns(rows), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_results(out: Path, rows: list[dict]) -> list[Path]:
+    """``out/results.csv`` (and ``results.parquet`` if pyarrow imports), atomically."""
+    written = [Path(out) / "results.csv"]
+    write_atomic(written[0], to_csv(rows))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return written
+    cols = columns(rows)
+    table = {}
+    for c in cols:
+        vals = [r.get(c) for r in rows]
+        kinds = {type(v) for v in vals if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            vals = [None if v is None else str(v) for v in vals]
+        elif kinds == {int, float}:
+            vals = [None if v is None else float(v) for v in vals]
+        table[c] = vals
+    path = Path(out) / "results.parquet"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(pa.table(table), tmp)
+    os.replace(tmp, path)
+    written.append(path)
+    return written
