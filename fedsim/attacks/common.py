@@ -124,6 +124,12 @@ def rule_kw(setup: AttackSetup) -> dict:
 # --------------------------------------------------------------------------- masks & stats
 
 
+def dot(a: Array, b: Array) -> Array:
+    """Matrix product in full float32: GPUs would otherwise use TF32, too coarse for the
+    Gram-matrix distances and the tight constraints the attacks solve."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def present(ctx: AttackContext) -> Array:
     return ctx.weights > 0
 
@@ -144,7 +150,7 @@ def count(mask: Array) -> Array:
 def masked_mean(x: Array, mask: Array) -> Array:
     """Mean of the rows of ``x`` [n, d] where ``mask``; zeros when none."""
     m = mask.astype(x.dtype)
-    return (m @ x) / jnp.maximum(jnp.sum(m), 1.0)
+    return dot(m, x) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def masked_std(x: Array, mask: Array) -> Array:
@@ -179,7 +185,7 @@ def pairwise_sq_dists(x: Array) -> Array:
     Callers centre ``x`` first (distances do not change) so the Gram trick keeps precision.
     """
     sq = jnp.sum(x * x, axis=1)
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * dot(x, x.T), 0.0)
 
 
 def spread(dists: Array, mask: Array, statistic: str) -> Array:
@@ -304,7 +310,7 @@ def krum_accepts(rows, mask, n_crafted, f, select, base, direction, lams):
     k = jnp.maximum(m - f - 2.0, 1.0)
     pp = pairwise_sq_dists(h)
     pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
-    hc = jnp.sum(h * h, axis=1)[None, :] - 2.0 * (crafted @ h.T)
+    hc = jnp.sum(h * h, axis=1)[None, :] - 2.0 * dot(crafted, h.T)
     hc = hc + jnp.sum(crafted * crafted, axis=1)[:, None]
     hc = jnp.where(mask[None, :], jnp.maximum(hc, 0.0), inf)  # [K, n]
     slots = jnp.arange(n)

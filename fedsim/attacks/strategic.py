@@ -30,6 +30,7 @@ from fedsim.attacks.common import (
     boolean,
     choice,
     count,
+    dot,
     emit,
     integer,
     krum_accepts,
@@ -121,7 +122,7 @@ def reference_point(kind, rows, mask, ctx):
 
 def _cosines(rows, direction):
     norms = jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(direction)
-    return (rows @ direction) / jnp.where(norms > 0, norms, 1.0)
+    return dot(rows, direction) / jnp.where(norms > 0, norms, 1.0)
 
 
 @REGISTRY.register("strategic_distance", traced=("radius_scale",))

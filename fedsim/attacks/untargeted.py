@@ -24,6 +24,7 @@ from fedsim.attacks.common import (
     boolean,
     choice,
     count,
+    dot,
     emit,
     krum_accepts,
     krum_options,
@@ -297,7 +298,7 @@ def min_max_gamma(rows, mask, p):
     dev = (rows - mu) * mask[:, None]  # h_i - mu
     bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], pairwise_sq_dists(dev), 0.0))
     a = jnp.sum(p * p)
-    half_b = -(dev @ p)
+    half_b = -dot(dev, p)
     c = jnp.sum(dev * dev, axis=1) - bound
     root = (-half_b + jnp.sqrt(jnp.maximum(half_b**2 - a * c, 0.0))) / jnp.where(a > 0, a, 1.0)
     return jnp.where(a > 0, jnp.min(jnp.where(mask, root, jnp.inf)), 0.0)
@@ -366,7 +367,7 @@ def mimic_ranking(rows, mask):
     Returns int32 ``[n]`` row indices, non-pool rows last.
     """
     dev = (rows - masked_mean(rows, mask)) * mask[:, None]
-    _, vecs = jnp.linalg.eigh(dev @ dev.T)
+    _, vecs = jnp.linalg.eigh(dot(dev, dev.T))
     score = jnp.where(mask, jnp.abs(vecs[:, -1]), -1.0)
     return jnp.argsort(-score)
 
