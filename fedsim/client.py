@@ -74,6 +74,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         per_epoch = (count + batch - 1) // batch
         own_steps = n_local_steps(spec, count)
         padded = per_epoch_padding(idx_row.shape[0], batch)
+        order_key, poison_key = jax.random.split(key)
 
         def loss_fn(p, x, y, mask):
             return cross_entropy(apply_fn({"params": p}, x), y, mask)
@@ -81,13 +82,13 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         def step(t, carry, masked):
             p, opt_state = carry
             epoch, within = t // per_epoch, t % per_epoch
-            order = epoch_order(jax.random.fold_in(key, epoch), count, padded)
+            order = epoch_order(jax.random.fold_in(order_key, epoch), count, padded)
             pos = jax.lax.dynamic_slice(order, (within * batch,), (batch,))
             mask = ((within * batch + jnp.arange(batch)) < count).astype(jnp.float32)
             rows = idx_row[pos]
             x, y = to_float(data_x[rows]), data_y[rows]
             if poison is not None:
-                px, py = poison(x, y, jax.random.fold_in(key, -1 - t), hp["attack"])
+                px, py = poison(x, y, jax.random.fold_in(poison_key, t), hp["attack"])
                 x = jnp.where(is_malicious, px, x)
                 y = jnp.where(is_malicious, py, y)
             grads = jax.grad(loss_fn)(p, x, y, mask)

@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
 
 # Sections whose keys beyond ``name`` are the component's own options.
 OPEN_SECTIONS = {"model", "aggregator", "attack", "data.partition"}
+# Keys of an open section that belong to the engine, kept when the component changes.
+ENGINE_KEYS = {"attack": ("fraction",)}
 
 
 class Items(tuple):
@@ -125,7 +127,9 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
             raise ConfigError(f"unknown key {path!r}; valid keys here: {valid}")
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             if path in OPEN_SECTIONS and "name" in value and value["name"] != base[key].get("name"):
-                out[key] = dict(value)  # a different component: drop the default's options
+                # a different component: drop the old one's options, keep the engine's
+                kept = {k: v for k, v in base[key].items() if k in ENGINE_KEYS.get(path, ())}
+                out[key] = {**kept, **value}
             else:
                 out[key] = _merge(base[key], value, f"{path}.")
         else:

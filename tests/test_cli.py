@@ -106,3 +106,10 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert main(["run", DIGITS, "--out", str(out), *FAST]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_attack_fraction_survives_a_later_change_of_attack():
+    cfg = load_config(None, ["attack.fraction=0.2", "attack.name=sign_flip"])
+    assert cfg["attack"] == {"name": "sign_flip", "fraction": 0.2}
+    cfg = load_config(None, ["data.partition.name=iid"])
+    assert cfg["data"]["partition"] == {"name": "iid"}  # alpha belonged to dirichlet

@@ -34,9 +34,10 @@ def plain_loop(module, params, x, y, positions, count, key, spec, lr):
         logits = module.apply({"params": p}, xb.astype(jnp.float32) / 255.0)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
+    order_key, _ = jax.random.split(key)
     for t in range(total):
         epoch, within = divmod(t, per_epoch)
-        order = np.asarray(epoch_order(jax.random.fold_in(key, epoch), count, length))[:count]
+        order = np.asarray(epoch_order(jax.random.fold_in(order_key, epoch), count, length))[:count]
         batch = order[within * spec.batch_size : (within + 1) * spec.batch_size]
         rows = positions[batch]
         grads = jax.grad(loss)(params, x[rows], y[rows])
