@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	# Peers for side-by-side benchmarks, without their heavy requirements (torchvision, a
+	# protobuf downgrade): the benches import only their aggregation code.
+	$(PY) -m pip install -q --no-deps byzfl==0.0.11 flwr==1.42.0
 	touch $(BENCH_STAMP)
 
 install: $(STAMP)

@@ -51,6 +51,8 @@ class AggContext(NamedTuple):
         FoolsGold, which keep a per-client history indexed by identity).
     loss_fn: ``(flat_params [d], x, y) -> scalar`` mean loss, for behaviour-based rules.
     judge_x, judge_y: the data the judge holds (root / validation set), or ``None``.
+    error_fn: ``(flat_params [d], x, y) -> scalar`` error rate (1 - accuracy), for
+        error-based rules (Fang et al. 2020's ERR).
     """
 
     global_params: Array
@@ -60,6 +62,7 @@ class AggContext(NamedTuple):
     loss_fn: LossFn | None = None
     judge_x: Array | None = None
     judge_y: Array | None = None
+    error_fn: LossFn | None = None
 
 
 class Aggregator(NamedTuple):
