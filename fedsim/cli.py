@@ -148,12 +148,12 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.set, args.seed)
     spec, hparams = to_spec(cfg)
     out = _out_dir(args)
+    _start_distributed(args)
+    setup = _layout(engine.prepare(spec), args)  # may refuse (memory) before writing
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", dump(cfg))
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    _start_distributed(args)
-    setup = _layout(engine.prepare(spec), args)
 
     from tqdm import tqdm
 

@@ -1,0 +1,87 @@
+"""Memory planning: the estimate bounds XLA's own figure, the plan chunks clients and
+sizes run batches to a budget, refuses in one line when nothing fits, and client
+chunking (lax.map) leaves results unchanged."""
+
+import jax
+import numpy as np
+import pytest
+
+from fedsim import engine, memory
+from fedsim.cli import main
+from fedsim.config import load_config, to_spec
+from fedsim.registry import ConfigError
+
+OVER = [
+    "client.participants=12",
+    "rounds=2",
+    "eval_every=2",
+    "aggregator.name=median",
+    "attack.name=alie",
+    "attack.fraction=0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    spec, hp = to_spec(load_config("configs/digits.yaml", OVER))
+    return engine.prepare(spec), hp
+
+
+def test_chunked_clients_match_one_vmap_and_estimate_bounds_xla(setup):
+    setup, hp = setup
+    fp = memory.footprint(setup)
+    results = {}
+    for chunk in (None, 5):  # 5 does not divide 12: lax.map handles the remainder
+        s = engine.with_layout(setup, client_chunk=chunk)
+        state = jax.jit(engine.make_init(s))(jax.random.PRNGKey(1), hp)
+        compiled = jax.jit(engine.make_chunk(s, 2)).lower(state, hp, s.data).compile()
+        ma = compiled.memory_analysis()
+        xla = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+        assert memory.estimate(fp, 1, chunk) >= xla
+        new_state, metrics = compiled(state, hp, s.data)
+        results[chunk] = (jax.flatten_util.ravel_pytree(new_state.params)[0], metrics)
+    np.testing.assert_allclose(results[None][0], results[5][0], rtol=1e-5, atol=1e-6)
+    for k in ("test_accuracy", "test_loss", "malicious_weight"):
+        np.testing.assert_allclose(results[None][1][k], results[5][1][k], rtol=1e-5)
+
+
+def test_plan_fits_the_budget(setup):
+    setup, _ = setup
+    fp = memory.footprint(setup)
+    roomy = memory.plan(setup, 16, 10**12)
+    assert roomy.batch == 16 and roomy.client_chunk is None
+    # Room for one run only if clients train a few at a time.
+    tight = memory.estimate(fp, 1, 3) + 1
+    p = memory.plan(setup, 16, tight)
+    assert p.batch == 1 and p.client_chunk is not None and p.client_chunk <= 3
+    assert p.estimate_bytes <= tight
+    # Room for about 5 runs training all clients at once.
+    five = fp.data + 5 * (memory.estimate(fp, 1, None) - fp.data)
+    assert memory.plan(setup, 16, five) == memory.Plan(5, None, five, five)
+    assert memory.plan(setup, 16, five, max_batch=2).batch == 2
+
+
+def test_refuses_in_one_line_with_the_largest_setting_that_fits(setup):
+    setup, _ = setup
+    fp = memory.footprint(setup)
+    budget = memory.estimate(fp, 1, 1, participants=7)
+    with pytest.raises(ConfigError) as err:
+        memory.plan(setup, 1, budget)
+    msg = str(err.value)
+    assert "\n" not in msg and "largest that fits: client.participants=7" in msg
+    assert f"budget is {budget / memory.GB:.2f} GB" in msg
+
+
+def test_cli_memory_errors_exit_2(tmp_path, capsys):
+    args = ["run", "configs/digits.yaml", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main([*args, "--memory-gb", "0.00001"]) == 2
+    err = capsys.readouterr().err
+    assert "largest that fits" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # refused before writing anything
+    assert main([*args, "--memory-gb", "-1"]) == 2
+    assert main([*args, "--devices", "64"]) == 2
+
+
+def test_budget_defaults_to_a_fraction_of_memory():
+    assert memory.budget_bytes(2.0) == 2 * memory.GB
+    assert 0 < memory.budget_bytes() <= memory.device_memory_bytes()
