@@ -58,11 +58,31 @@ def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
     """
     x = jnp.where(ok[:, None], updates, 0)
     sq = jnp.sum(x * x, axis=1)
-    gram = jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
+    gram = self_gram(x)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
     both = ok[:, None] & ok[None, :]
     dist = jnp.where(both, dist, jnp.inf)
     return dist.at[jnp.diag_indices_from(dist)].set(jnp.where(ok, 0.0, jnp.inf))
+
+
+def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
+    """``x @ x.T``, computing only the blocks on and above the diagonal.
+
+    XLA's CPU matmul has no symmetric (syrk) path; with ``x`` cut into ``parts`` row blocks
+    the ``parts (parts + 1) / 2`` products do 5/8 of the work for 4 parts, and the blocks
+    stay large enough to run at full matmul speed.
+    """
+    n = x.shape[0]
+    if n < min_rows:
+        return jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
+    size = -(-n // parts)
+    rows = [x[i : i + size] for i in range(0, n, size)]
+    grid = [[None] * len(rows) for _ in rows]
+    for i, a in enumerate(rows):
+        for j in range(i, len(rows)):
+            grid[i][j] = jnp.matmul(a, rows[j].T, precision=lax.Precision.HIGHEST)
+            grid[j][i] = grid[i][j].T
+    return jnp.block(grid)
 
 
 def sum_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
