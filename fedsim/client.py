@@ -41,6 +41,13 @@ class LocalSpec(NamedTuple):
     epochs: int | None  # epoch mode when set
     steps: int | None  # step mode when set
     optimizer: str = "sgd"
+    min_count: int = 1  # smallest client's sample count (bounds the epochs step mode needs)
+
+    def epochs_bound(self) -> int:
+        """Most epochs any client can start: the data orders shuffled up front."""
+        if self.steps is None:
+            return self.epochs
+        return -(-self.steps // (-(-self.min_count // self.batch_size)))
 
 
 def n_local_steps(spec: LocalSpec, count):
@@ -75,6 +82,12 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         own_steps = n_local_steps(spec, count)
         padded = per_epoch_padding(idx_row.shape[0], batch)
         order_key, poison_key = jax.random.split(key)
+        # One shuffle per epoch, up front: sorting inside the step loop cost more than the
+        # step's own matmuls.
+        epoch_keys = jax.vmap(lambda e: jax.random.fold_in(order_key, e))(
+            jnp.arange(spec.epochs_bound())
+        )
+        orders = jax.vmap(lambda k: epoch_order(k, count, padded))(epoch_keys)
 
         def loss_fn(p, x, y, mask):
             return cross_entropy(apply_fn({"params": p}, x), y, mask)
@@ -82,8 +95,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         def step(t, carry, masked):
             p, opt_state = carry
             epoch, within = t // per_epoch, t % per_epoch
-            order = epoch_order(jax.random.fold_in(order_key, epoch), count, padded)
-            pos = jax.lax.dynamic_slice(order, (within * batch,), (batch,))
+            pos = jax.lax.dynamic_slice(orders[epoch], (within * batch,), (batch,))
             mask = ((within * batch + jnp.arange(batch)) < count).astype(jnp.float32)
             rows = idx_row[pos]
             x, y = to_float(data_x[rows]), data_y[rows]
