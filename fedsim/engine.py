@@ -60,6 +60,7 @@ class Setup(NamedTuple):
     n_classes: int
     input_shape: tuple
     max_steps: int  # largest number of local steps any client takes
+    min_count: int  # smallest client's sample count
     # How the round lays out its clients (``with_layout``); neither changes results beyond
     # float reassociation. client_chunk: train at most this many clients at once
     # (``lax.map`` over chunks; None = all in one vmap). mesh: a ``jax.sharding.Mesh`` with
@@ -133,6 +134,7 @@ def prepare(spec: Spec) -> Setup:
         n_classes=ds.n_classes,
         input_shape=tuple(ds.x_train.shape[1:]),
         max_steps=int(n_local_steps(local, count).max()),
+        min_count=int(count.min()),
     )
 
 
@@ -242,7 +244,13 @@ def make_round(setup: Setup):
     """``round_step(state, hparams, data) -> (state, RoundMetrics)``: one whole round."""
     spec = setup.spec
     agg, attack = components(setup)
-    local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps, spec.client_optimizer)
+    local = LocalSpec(
+        spec.batch_size,
+        spec.local_epochs,
+        spec.local_steps,
+        spec.client_optimizer,
+        min_count=setup.min_count,
+    )
     unravel, ravel_rows = _flat_unravel(setup)
     apply_fn = setup.module.apply
     train_poisoned = make_local_train(apply_fn, local, poison=attack.poison)
