@@ -138,6 +138,16 @@ def _out_dir(args) -> Path:
     return out
 
 
+def _baseline_accuracy(cfg: dict) -> dict:
+    """``{round: test_accuracy}`` of the config's baseline run (empty without one)."""
+    if cfg.get("baseline") is None:
+        return {}
+    from fedsim.io import read_jsonl
+
+    records = read_jsonl(Path(cfg["baseline"]) / "metrics.jsonl")
+    return {r["round"]: r["test_accuracy"] for r in records if r.get("test_accuracy") is not None}
+
+
 def cmd_run(args) -> int:
     import jax
 
@@ -160,7 +170,11 @@ def cmd_run(args) -> int:
     bar = tqdm(total=spec.rounds, unit="round", disable=args.quiet, file=sys.stderr)
     last = {"round": 0, "seconds": 0.0}
 
+    baseline = _baseline_accuracy(cfg)
+
     def on_eval(record):
+        if record["round"] in baseline and record["test_accuracy"] is not None:
+            record["accuracy_drop"] = baseline[record["round"]] - record["test_accuracy"]
         append_jsonl(metrics_path, record)
         rate = (record["round"] - last["round"]) / max(record["seconds"] - last["seconds"], 1e-9)
         bar.update(record["round"] - last["round"])

@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": {"name": "mean"},
     "attack": {"name": "none", "fraction": 0.0},
     "judge": {"size": 0, "classes": None},
+    # The adversary's proxy of the judge's data; size null = the judge's own data.
+    "proxy": {"size": None, "classes": None},
+    # A finished run folder without attack: metrics then gain accuracy_drop against it.
+    "baseline": None,
 }
 
 # Sections whose keys beyond ``name`` are the component's own options.
@@ -100,6 +104,8 @@ class Spec:
     attack_kw: tuple
     judge_size: int
     judge_classes: tuple | None
+    proxy_size: int | None
+    proxy_classes: tuple | None
     rounds: int
     eval_every: int
 
@@ -295,11 +301,20 @@ def validate(cfg: dict) -> None:
         attacks.REGISTRY, att_name, att_kw, "attack", setup=AttackSetup(agg_name, _freeze(agg_kw))
     )
     _int(cfg, "judge.size", low=0)
-    classes = cfg["judge"]["classes"]
-    if classes is not None and (
-        not isinstance(classes, list) or not all(isinstance(c, int) for c in classes)
-    ):
-        raise ConfigError(f"judge.classes must be null or a list of class ids, got {classes!r}")
+    _int(cfg, "proxy.size", low=0, optional=True)
+    for side in ("judge", "proxy"):
+        classes = cfg[side]["classes"]
+        if classes is not None and (
+            not isinstance(classes, list) or not all(isinstance(c, int) for c in classes)
+        ):
+            raise ConfigError(
+                f"{side}.classes must be null or a list of class ids, got {classes!r}"
+            )
+    baseline = cfg["baseline"]
+    if baseline is not None and not (Path(str(baseline)) / "metrics.jsonl").is_file():
+        raise ConfigError(
+            f"baseline {baseline!r} must be a finished run folder holding metrics.jsonl"
+        )
 
 
 def _split_traced(registry, name: str, kw: dict) -> tuple[dict, dict]:
@@ -320,6 +335,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
     agg_static, agg_traced = _split_traced(aggregators.REGISTRY, agg_name, agg_kw)
     att_static, att_traced = _split_traced(attacks.REGISTRY, att_name, att_kw)
     classes = cfg["judge"]["classes"]
+    proxy_classes = cfg["proxy"]["classes"]
     spec = Spec(
         dataset=data["name"],
         data_source=data["source"],
@@ -342,6 +358,8 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         attack_kw=_freeze(att_static),
         judge_size=cfg["judge"]["size"],
         judge_classes=None if classes is None else tuple(classes),
+        proxy_size=cfg["proxy"]["size"],
+        proxy_classes=None if proxy_classes is None else tuple(proxy_classes),
         rounds=cfg["rounds"],
         eval_every=cfg["eval_every"],
     )

@@ -37,7 +37,9 @@ class Data(NamedTuple):
     """Device-resident data, passed to the compiled program as arguments (never copied
     per client). x: uint8 ``[N, ...]``; y: int32 ``[N]``; idx: int32 ``[n_clients, P]``;
     count: int32 ``[n_clients]``; x_test: float32 ``[T, ...]``; y_test: int32 ``[T]``;
-    judge_x: float32 ``[J, ...]``; judge_y: int32 ``[J]`` (J = 0 without a judge set)."""
+    judge_x: float32 ``[J, ...]``; judge_y: int32 ``[J]`` (J = 0 without a judge set);
+    proxy_x, proxy_y: the adversary's proxy of the judge's data (the judge's own set
+    unless ``proxy.size`` says otherwise)."""
 
     x: jax.Array
     y: jax.Array
@@ -47,6 +49,8 @@ class Data(NamedTuple):
     y_test: jax.Array
     judge_x: jax.Array
     judge_y: jax.Array
+    proxy_x: jax.Array
+    proxy_y: jax.Array
 
 
 class Setup(NamedTuple):
@@ -84,20 +88,22 @@ class RoundMetrics(NamedTuple):
     malicious_participants: jax.Array
     update_norm: jax.Array
     finite: jax.Array  # False once the aggregate is NaN/Inf (divergence)
+    malicious_distance: jax.Array  # mean L2 distance of malicious updates to the aggregate
+    honest_distance: jax.Array  # mean L2 distance of honest updates to the aggregate
 
 
-def _judge_indices(spec: Spec, labels: np.ndarray) -> np.ndarray:
-    if spec.judge_size == 0:
+def _held_indices(labels: np.ndarray, size: int, classes, seed: int, what: str) -> np.ndarray:
+    """``size`` training indices restricted to ``classes`` (all when None), seeded."""
+    if size == 0:
         return np.zeros((0,), np.int64)
-    rng = np.random.default_rng(spec.partition_seed + 1)
     pool = np.arange(len(labels))
-    if spec.judge_classes is not None:
-        pool = pool[np.isin(labels, spec.judge_classes)]
-    if len(pool) < spec.judge_size:
+    if classes is not None:
+        pool = pool[np.isin(labels, classes)]
+    if len(pool) < size:
         from fedsim.registry import ConfigError
 
-        raise ConfigError(f"judge.size {spec.judge_size} exceeds the {len(pool)} samples available")
-    return np.sort(rng.choice(pool, spec.judge_size, replace=False))
+        raise ConfigError(f"{what}.size {size} exceeds the {len(pool)} samples available")
+    return np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
 
 
 def prepare(spec: Spec) -> Setup:
@@ -107,7 +113,14 @@ def prepare(spec: Spec) -> Setup:
         spec.partition, ds.y_train, spec.n_clients, spec.partition_seed, **thaw(spec.partition_kw)
     )
     idx, count = pack(parts)
-    judge = _judge_indices(spec, ds.y_train)
+    judge = _held_indices(
+        ds.y_train, spec.judge_size, spec.judge_classes, spec.partition_seed + 1, "judge"
+    )
+    proxy = judge
+    if spec.proxy_size is not None:
+        proxy = _held_indices(
+            ds.y_train, spec.proxy_size, spec.proxy_classes, spec.partition_seed + 2, "proxy"
+        )
     to_f = lambda x: jnp.asarray(x, jnp.float32) / 255.0
     data = Data(
         x=jnp.asarray(ds.x_train),
@@ -118,6 +131,8 @@ def prepare(spec: Spec) -> Setup:
         y_test=jnp.asarray(ds.y_test),
         judge_x=to_f(ds.x_train[judge]),
         judge_y=jnp.asarray(ds.y_train[judge]),
+        proxy_x=to_f(ds.x_train[proxy]),
+        proxy_y=jnp.asarray(ds.y_train[proxy]),
     )
     module = models.make(spec.model, ds.n_classes, **thaw(spec.model_kw))
     sample = jnp.zeros((1, *ds.x_train.shape[1:]), jnp.float32)
@@ -270,6 +285,10 @@ def make_round(setup: Setup):
         logits = apply_fn({"params": unravel(flat)}, x)
         return cross_entropy(logits, y, jnp.ones(y.shape[0], jnp.float32))
 
+    def flat_error(flat, x, y):
+        logits = apply_fn({"params": unravel(flat)}, x)
+        return jnp.mean(jnp.argmax(logits, -1) != y)
+
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
         key = jax.random.fold_in(state.rounds_key, state.round)
@@ -302,6 +321,7 @@ def make_round(setup: Setup):
         updates = train_all(train_poisoned)
         global_flat, _ = ravel_pytree(state.params)
         has_judge = data.judge_x.shape[0] > 0
+        has_proxy = data.proxy_x.shape[0] > 0
         if attack.craft is not None:
             benign = None
             if attack.needs_benign:
@@ -314,8 +334,8 @@ def make_round(setup: Setup):
                 benign_updates=benign,
                 agg_state=state.agg_state,
                 loss_fn=flat_loss,
-                proxy_x=data.judge_x if has_judge else None,
-                proxy_y=data.judge_y if has_judge else None,
+                proxy_x=data.proxy_x if has_proxy else None,
+                proxy_y=data.proxy_y if has_proxy else None,
             )
             updates = attack.craft(updates, is_mal, actx)
         ctx = AggContext(
@@ -326,6 +346,7 @@ def make_round(setup: Setup):
             loss_fn=flat_loss,
             judge_x=data.judge_x if has_judge else None,
             judge_y=data.judge_y if has_judge else None,
+            error_fn=flat_error,
         )
         delta, agg_state, info = agg.aggregate(updates, weights, state.agg_state, ctx)
         server_opt = make_optimizer(
@@ -340,6 +361,7 @@ def make_round(setup: Setup):
             malicious_participants=jnp.sum(is_mal),
             update_norm=jnp.linalg.norm(delta),
             finite=jnp.all(jnp.isfinite(delta)),
+            **_distances_to(delta, updates, weights > 0, is_mal),
         )
         new_state = RunState(
             params, opt_state, agg_state, state.malicious, state.rounds_key, state.round + 1
@@ -347,6 +369,19 @@ def make_round(setup: Setup):
         return new_state, metrics
 
     return round_step
+
+
+def _distances_to(reference, updates, present, is_mal) -> dict:
+    """Mean L2 distance of the present malicious and honest rows to ``reference`` [d].
+
+    The reference is the rule's output: how far from what the rule accepted each group
+    sent (0 when a group has no present member)."""
+    dist = jnp.linalg.norm(updates - reference, axis=1)
+    mean_over = lambda sel: jnp.sum(jnp.where(sel, dist, 0.0)) / jnp.maximum(jnp.sum(sel), 1)
+    return {
+        "malicious_distance": mean_over(present & is_mal),
+        "honest_distance": mean_over(present & ~is_mal),
+    }
 
 
 def make_evaluate(setup: Setup, eval_batch: int = 1000):

@@ -113,3 +113,20 @@ def test_attack_fraction_survives_a_later_change_of_attack():
     assert cfg["attack"] == {"name": "sign_flip", "fraction": 0.2}
     cfg = load_config(None, ["data.partition.name=iid"])
     assert cfg["data"]["partition"] == {"name": "iid"}  # alpha belonged to dirichlet
+
+
+def test_baseline_gives_accuracy_drop_and_proxy_is_configurable(tmp_path):
+    clean = tmp_path / "clean"
+    assert main(["run", DIGITS, "--out", str(clean), *FAST]) == 0
+    attacked = tmp_path / "attacked"
+    args = ["--set", "attack.name=sign_flip", "--set", "attack.fraction=0.3",
+            "--set", f"baseline={clean}", "--set", "proxy.size=20"]
+    assert main(["run", DIGITS, "--out", str(attacked), *FAST, *args]) == 0
+    base = [json.loads(x) for x in (clean / "metrics.jsonl").read_text().splitlines()]
+    hit = [json.loads(x) for x in (attacked / "metrics.jsonl").read_text().splitlines()]
+    for b, h in zip(base, hit, strict=True):
+        assert h["accuracy_drop"] == pytest.approx(b["test_accuracy"] - h["test_accuracy"])
+    assert hit[-1]["malicious_participants"] > 0
+    assert hit[-1]["malicious_distance"] > hit[-1]["honest_distance"]  # sign flip sticks out
+    with pytest.raises(ConfigError, match="finished run folder"):
+        load_config(DIGITS, [f"baseline={tmp_path / 'nothing'}"])
