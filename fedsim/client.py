@@ -74,9 +74,10 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
     hp: ``{"lr", "momentum", "attack": {...}}`` traced scalars. Returns the update
     (local params - global params), a pytree like ``params``.
     """
-    batch = spec.batch_size
 
     def local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp, is_malicious):
+        # No client holds more than P samples: a batch larger than P would be padding only.
+        batch = min(spec.batch_size, idx_row.shape[0])
         optimizer = make_optimizer(spec.optimizer, hp["lr"], hp["momentum"])
         per_epoch = (count + batch - 1) // batch
         own_steps = n_local_steps(spec, count)
@@ -92,7 +93,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         def loss_fn(p, x, y, mask):
             return cross_entropy(apply_fn({"params": p}, x), y, mask)
 
-        def step(t, carry, masked):
+        def step(t, carry, masked, delta_only=False):
             p, opt_state = carry
             epoch, within = t // per_epoch, t % per_epoch
             pos = jax.lax.dynamic_slice(orders[epoch], (within * batch,), (batch,))
@@ -105,6 +106,8 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
                 y = jnp.where(is_malicious, py, y)
             grads = jax.grad(loss_fn)(p, x, y, mask)
             upd, new_opt = optimizer.update(grads, opt_state, p)
+            if delta_only:  # one step: the update is the optimizer's step itself
+                return upd
             new_p = optax.apply_updates(p, upd)
             if not masked:
                 return new_p, new_opt
@@ -114,6 +117,8 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
         # Every client takes at least one step, all from the same global params: peeling
         # the first step keeps them shared under vmap (one large matmul for the first
         # layer, no per-client copy of the model until the first update exists).
+        if spec.steps == 1:
+            return step(0, (params, optimizer.init(params)), masked=False, delta_only=True)
         first = step(0, (params, optimizer.init(params)), masked=False)
         # In step mode every client takes exactly spec.steps steps: a static loop, no mask.
         if spec.steps is not None:

@@ -73,3 +73,21 @@ def test_epoch_order_is_a_permutation_of_the_clients_positions():
     order = np.asarray(epoch_order(jax.random.PRNGKey(0), 13, 16))
     assert sorted(order[:13].tolist()) == list(range(13))
     assert (order[13:] <= 12).all()
+
+
+def test_single_step_and_oversized_batch_match_the_plain_loop(problem):
+    x, y, module, params = problem
+    positions = np.arange(6, dtype=np.int32)  # P = 6 < batch 32: the batch shrinks to 6
+    key = jax.random.PRNGKey(3)
+    hp = {"lr": jnp.float32(0.3), "momentum": jnp.float32(0.0), "attack": {}}
+    for spec in (LocalSpec(32, None, 1), LocalSpec(32, None, 3), LocalSpec(32, 2, None)):
+        train = jax.jit(make_local_train(module.apply, spec))
+        update = train(params, x, y, jnp.asarray(positions), jnp.int32(5), 4, key, hp, False)
+        expected = plain_loop(module, params, x, y, positions, 5, key, spec, 0.3)
+        for got, want, start in zip(
+            jax.tree.leaves(update),
+            jax.tree.leaves(expected),
+            jax.tree.leaves(params),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want - start, rtol=2e-5, atol=2e-6)
