@@ -54,11 +54,12 @@ def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
     """``[n, n]`` squared L2 distances from one Gram matrix, clamped at 0.
 
     Rows where ``ok`` is False (absent or non-finite) are infinitely far from every row,
-    themselves included; they are zeroed before the product so they cannot spread NaN.
+    themselves included. They are masked after the product rather than zeroed before it
+    (a pass over ``[n, d]``): entry ``(i, j)`` of the Gram matrix only reads rows ``i``
+    and ``j``, so a NaN row spoils only its own row and column, which the mask replaces.
     """
-    x = jnp.where(ok[:, None], updates, 0)
-    sq = jnp.sum(x * x, axis=1)
-    gram = self_gram(x)
+    sq = jnp.sum(updates * updates, axis=1)
+    gram = self_gram(updates)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
     both = ok[:, None] & ok[None, :]
     dist = jnp.where(both, dist, jnp.inf)
