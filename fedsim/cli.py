@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run only part I of K (0 <= I < K), split by run id",
     )
     sweep.add_argument(
-        "--max-batch", type=int, default=None, help="at most this many runs per vmapped program"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="at most this many runs per vmapped program (default: as many as fit; 8 on CPU)",
     )
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     _layout_args(sweep)
@@ -258,7 +261,11 @@ def main(argv=None) -> int:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedsim: interrupted; evaluations so far are in metrics.jsonl", file=sys.stderr)
+        note = {
+            "run": "evaluations so far are in metrics.jsonl",
+            "sweep": "finished runs are recorded; rerun the same command to resume",
+        }.get(args.command, "stopped")
+        print(f"fedsim: interrupted; {note}", file=sys.stderr)
         return 130
     return 0
 

@@ -94,7 +94,10 @@ def sharded(tmp_path_factory):
     """The 8-run sweep run as two shards into two folders."""
     root = tmp_path_factory.mktemp("sweep")
     sweep = expand(DOC)
-    stats = [run_sweep(sweep, root / f"part{i}", shard=(i, 2), quiet=True) for i in range(2)]
+    # max_batch=2: every call below vmaps 2 runs, so one compiled program serves them all
+    stats = [
+        run_sweep(sweep, root / f"part{i}", shard=(i, 2), quiet=True, max_batch=2) for i in range(2)
+    ]
     return root, sweep, stats
 
 
@@ -123,12 +126,12 @@ def test_rerun_skips_done_runs_and_runs_only_new_points(sharded, tmp_path):
     root, sweep, _ = sharded
     part0 = root / "part0"
     before = _files(part0 / "runs")
-    again = run_sweep(sweep, part0, shard=(0, 2), quiet=True)
+    again = run_sweep(sweep, part0, shard=(0, 2), quiet=True, max_batch=2)
     assert again["ran"] == 0 and again["skipped"] == len(list((part0 / "runs").iterdir()))
     assert _files(part0 / "runs") == before
     # The whole sweep into the shard-0 folder: only shard 1's runs are new.
     n0 = again["skipped"]
-    full = run_sweep(sweep, part0, quiet=True)
+    full = run_sweep(sweep, part0, quiet=True, max_batch=2)
     assert full == {"total": 8, "skipped": n0, "ran": 8 - n0, "groups": 1}
     lines = (part0 / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 8 and lines[0].startswith("run_id,client.lr,attack.z,seed,final_")
