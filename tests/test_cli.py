@@ -35,8 +35,17 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
 def test_list_names_every_registry(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
-    for word in ("datasets:", "mnist", "partitions:", "dirichlet", "models:", "cnn",
-                 "aggregators:", "mean", "attacks:"):
+    for word in (
+        "datasets:",
+        "mnist",
+        "partitions:",
+        "dirichlet",
+        "models:",
+        "cnn",
+        "aggregators:",
+        "mean",
+        "attacks:",
+    ):
         assert word in text
 
 
@@ -90,9 +99,20 @@ def test_defaults_validate():
 
 def test_cli_exit_code_2_and_one_line_on_stderr(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", "run", DIGITS, "--set", "aggregator.name=krumm",
-         "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "run",
+            DIGITS,
+            "--set",
+            "aggregator.name=krumm",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "krumm" in proc.stderr
@@ -119,8 +139,16 @@ def test_baseline_gives_accuracy_drop_and_proxy_is_configurable(tmp_path):
     clean = tmp_path / "clean"
     assert main(["run", DIGITS, "--out", str(clean), *FAST]) == 0
     attacked = tmp_path / "attacked"
-    args = ["--set", "attack.name=sign_flip", "--set", "attack.fraction=0.3",
-            "--set", f"baseline={clean}", "--set", "proxy.size=20"]
+    args = [
+        "--set",
+        "attack.name=sign_flip",
+        "--set",
+        "attack.fraction=0.3",
+        "--set",
+        f"baseline={clean}",
+        "--set",
+        "proxy.size=20",
+    ]
     assert main(["run", DIGITS, "--out", str(attacked), *FAST, *args]) == 0
     base = [json.loads(x) for x in (clean / "metrics.jsonl").read_text().splitlines()]
     hit = [json.loads(x) for x in (attacked / "metrics.jsonl").read_text().splitlines()]

