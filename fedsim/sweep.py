@@ -298,10 +298,12 @@ def _program(setup, n: int):
     return _PROGRAMS[key]
 
 
-def run_group(setup, hparams_list, seeds, batch, on_chunk=None) -> list[list[dict]]:
+def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
     """Run every (hparams, seed) of one group; ``batch`` runs at a time as one vmapped
     program (the last batch is padded by repeating its last run, so one compile serves
-    all). ``on_chunk(n_runs, n_rounds)`` reports progress. Returns each run's history."""
+    all). ``on_chunk(n_runs, n_rounds)`` reports progress; ``on_batch(first, histories,
+    seconds)`` receives each finished batch at once (so a kill loses only the batch in
+    flight). Returns each run's history."""
     import jax
 
     from fedsim import engine
@@ -331,6 +333,8 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None) -> list[list[dic
                 part[j].append({"round": done, **row, "seconds": seconds})
             if on_chunk is not None:
                 on_chunk(real, n)
+        if on_batch is not None:
+            on_batch(start, part, time.perf_counter() - t0)
         histories.extend(part)
     return histories
 
@@ -396,21 +400,25 @@ def run_sweep(
         bar.set_postfix_str(f"group {g + 1}/{len(groups)}, {plan.batch} runs/batch")
         per_run_rounds = spec.rounds
         on_chunk = lambda real, n, r=per_run_rounds: bar.update(real * n / r)
-        t0 = time.perf_counter()
-        histories = run_group(setup, hps, [r.cfg["seed"] for r in runs], plan.batch, on_chunk)
-        seconds = time.perf_counter() - t0
         extra = {
             "n_params": setup.n_params,
             "batch": _balanced(len(runs), plan.batch),
             "client_chunk": plan.client_chunk,
             "devices": n_dev,
-            "group_seconds": seconds,
             "group_runs": len(runs),
             "device": str(jax.devices()[0]),
         }
-        if leader:
-            for run, history in zip(runs, histories, strict=True):
-                write_run(out / "runs" / run.run_id, run, history, extra)
+
+        def record(first, histories, seconds, runs=runs, extra=extra):
+            if not leader:
+                return
+            for run, history in zip(runs[first : first + len(histories)], histories, strict=True):
+                write_run(
+                    out / "runs" / run.run_id, run, history, {**extra, "batch_seconds": seconds}
+                )
+
+        seeds = [r.cfg["seed"] for r in runs]
+        run_group(setup, hps, seeds, plan.batch, on_chunk, on_batch=record)
     bar.close()
     if leader:
         ids = {r.run_id for r in sweep.runs}
