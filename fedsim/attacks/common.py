@@ -292,40 +292,66 @@ def sum_smallest(values: Array, k) -> Array:
     return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
 
 
-def krum_accepts(rows, mask, n_crafted, f, select, base, direction, lams):
-    """For each ``lams[k]``: would Krum select the crafted update ``base + lams[k] * dir``?
+def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
+    """``accepts(lams) -> bool [K]``: would Krum select the crafted update
+    ``base + lams[k] * direction``?
 
     Krum (Blanchard et al. 2017) scores a row by the sum of squared distances to its
     ``m - f - 2`` nearest others; here ``m`` = the pool rows (``rows`` [n, d] where
     ``mask``, standing for the honest updates) + ``n_crafted`` identical crafted rows.
     Selected when fewer than ``select`` pool rows score strictly lower (``select`` = 1 for
-    Krum, Multi-Krum's ``m``; ``None`` = ``m - f``). Returns bool ``[K]``.
+    Krum, Multi-Krum's ``m``; ``None`` = ``m - f``).
+
+    Everything that does not depend on ``lams`` — the pool's ``[n, n]`` distances above
+    all — is computed once here: a search calls ``accepts`` many times. The crafted point
+    moves along a ray, so its squared distance to pool row i is the quadratic
+    ``|b - h_i|^2 + 2 lam (b - h_i).dir + lam^2 |dir|^2`` (b, h centred on the pool mean).
     """
     inf = jnp.inf
     centre = masked_mean(rows, mask)
     h = rows - centre  # distances are translation-free; centring keeps float32 precision
-    crafted = base[None, :] - centre + lams[:, None] * direction[None, :]  # [K, d]
+    b = base - centre
     n = rows.shape[0]
     m = count(mask) + n_crafted
     k = jnp.maximum(m - f - 2.0, 1.0)
     pp = pairwise_sq_dists(h)
     pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
-    hc = jnp.sum(h * h, axis=1)[None, :] - 2.0 * dot(crafted, h.T)
-    hc = hc + jnp.sum(crafted * crafted, axis=1)[:, None]
-    hc = jnp.where(mask[None, :], jnp.maximum(hc, 0.0), inf)  # [K, n]
-    slots = jnp.arange(n)
-    copies = jnp.where(slots[None, None, :] < n_crafted, hc[:, :, None], inf)  # [K, n, n]
-    pool_scores = sum_smallest(
-        jnp.concatenate([jnp.broadcast_to(pp, copies.shape), copies], axis=-1), k
-    )
-    pool_scores = jnp.where(mask[None, :], pool_scores, inf)
-    mates = jnp.where(slots < n_crafted - 1, 0.0, inf)
-    crafted_scores = sum_smallest(
-        jnp.concatenate([jnp.broadcast_to(mates, hc.shape), hc], axis=-1), k
-    )
-    select = jnp.maximum(m - f, 1.0) if select is None else select
-    beaten_by = jnp.sum(pool_scores < crafted_scores[:, None], axis=1)
-    return beaten_by < select
+    hb = dot(h, b)  # [n]
+    h_dir = dot(h, direction)  # [n]
+    offset = jnp.sum(h * h, axis=1) - 2.0 * hb + jnp.sum(b * b)  # |b - h_i|^2
+    slope = 2.0 * (jnp.dot(b, direction) - h_dir)  # 2 (b - h_i).dir
+    curve = jnp.sum(direction * direction)
+    chosen = jnp.maximum(m - f, 1.0) if select is None else select
+    k_int = k.astype(jnp.int32)
+    c_int = jnp.asarray(n_crafted).astype(jnp.int32)
+    # Pool row i's k nearest among its pool neighbours and the c identical crafted copies
+    # at squared distance v: with r neighbours closer than v, the k nearest are
+    # min(r, k) neighbours, then j = min(c, max(k - r, 0)) copies, then neighbours again,
+    # so the sum is prefix[k - j] + j v. Sorting each pool row once makes every check a
+    # count instead of a sort of the [n, n + c] union.
+    near = jnp.sort(pp, axis=1)  # [n, n], inf last
+    prefix = jnp.concatenate([jnp.zeros((n, 1)), jnp.cumsum(near, axis=1)], axis=1)
+
+    def accepts(lams):
+        lam = lams[:, None]
+        hc = offset[None, :] + lam * slope[None, :] + lam * lam * curve
+        hc = jnp.where(mask[None, :], jnp.maximum(hc, 0.0), inf)  # [K, n]
+        closer = jax.vmap(jax.vmap(jnp.searchsorted), in_axes=(None, 0))(near, hc)  # [K, n]
+        copies = jnp.minimum(c_int, jnp.maximum(k_int - closer, 0))
+        from_pool = jnp.take_along_axis(prefix[None], (k_int - copies)[..., None], axis=2)[..., 0]
+        pool_scores = from_pool + copies * hc
+        pool_scores = jnp.where(mask[None, :], pool_scores, inf)
+        # The crafted row's own k nearest: its c - 1 identical mates (distance 0) first.
+        crafted_scores = sum_smallest(hc, k - jnp.maximum(c_int - 1, 0))
+        beaten_by = jnp.sum(pool_scores < crafted_scores[:, None], axis=1)
+        return beaten_by < chosen
+
+    return accepts
+
+
+def krum_accepts(rows, mask, n_crafted, f, select, base, direction, lams):
+    """``krum_acceptor(...)(lams)``: bool ``[K]``, one check of ``lams`` [K]."""
+    return krum_acceptor(rows, mask, n_crafted, f, select, base, direction)(lams)
 
 
 def largest_accepted(accepts, top, steps: int = 20, refine: int = 8):

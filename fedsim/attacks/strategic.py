@@ -33,7 +33,7 @@ from fedsim.attacks.common import (
     dot,
     emit,
     integer,
-    krum_accepts,
+    krum_acceptor,
     krum_options,
     largest_accepted,
     masked_mean,
@@ -169,11 +169,11 @@ def make_strategic_distance(**kw) -> Attack:
 
     def krum_radius(rows, mask, adv, ref, c):
         """Largest distance from ``ref`` towards ``adv`` at which Krum still selects the
-        ``c`` identical crafted rows (:func:`krum_accepts`), at most ``|adv - ref|``."""
+        ``c`` identical crafted rows (:func:`krum_acceptor`), at most ``|adv - ref|``."""
         f = c if rule_f is None else jnp.float32(rule_f)
         gap = jnp.linalg.norm(adv - ref)
         direction = (adv - ref) / jnp.where(gap > 0, gap, 1.0)
-        accepts = lambda r: krum_accepts(rows, mask, c, f, select, ref, direction, r)
+        accepts = krum_acceptor(rows, mask, c, f, select, ref, direction)
         return largest_accepted(accepts, gap)
 
     def craft(updates, is_malicious, ctx):

@@ -26,7 +26,7 @@ from fedsim.attacks.common import (
     count,
     dot,
     emit,
-    krum_accepts,
+    krum_acceptor,
     krum_options,
     largest_accepted,
     masked_max,
@@ -264,7 +264,7 @@ def make_fang(**kw) -> Attack:
         f = c if rule_f is None else jnp.float32(rule_f)
         s = jnp.sign(masked_mean(rows, mask))
         base = jnp.zeros_like(s)
-        accepts = lambda lams: krum_accepts(rows, mask, c, f, select, base, -s, lams)
+        accepts = krum_acceptor(rows, mask, c, f, select, base, -s)
         u = -largest_accepted(accepts, fang_krum_bound(rows, mask, c)) * s
         scale = ctx.hparams.get("jitter", o["jitter"])
         return single_or_jittered(updates, is_malicious, ctx, u, o["collude"], scale)
