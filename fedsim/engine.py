@@ -28,6 +28,7 @@ from fedsim import aggregators, attacks, models
 from fedsim.client import LocalSpec, cross_entropy, make_local_train, make_optimizer, n_local_steps
 from fedsim.config import HParams, Spec, accepted, thaw
 from fedsim.data import load, pack, partition
+from fedsim.registry import ConfigError
 from fedsim.types import AggContext, AttackContext, AttackSetup
 
 TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
@@ -63,7 +64,6 @@ class Setup(NamedTuple):
     n_params: int
     n_classes: int
     input_shape: tuple
-    max_steps: int  # largest number of local steps any client takes
     min_count: int  # smallest client's sample count
     # How the round lays out its clients (``with_layout``); neither changes results beyond
     # float reassociation. client_chunk: train at most this many clients at once
@@ -100,8 +100,6 @@ def _held_indices(labels: np.ndarray, size: int, classes, seed: int, what: str) 
     if classes is not None:
         pool = pool[np.isin(labels, classes)]
     if len(pool) < size:
-        from fedsim.registry import ConfigError
-
         raise ConfigError(f"{what}.size {size} exceeds the {len(pool)} samples available")
     return np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
 
@@ -121,7 +119,7 @@ def prepare(spec: Spec) -> Setup:
         proxy = _held_indices(
             ds.y_train, spec.proxy_size, spec.proxy_classes, spec.partition_seed + 2, "proxy"
         )
-    to_f = lambda x: jnp.asarray(x, jnp.float32) / 255.0
+    to_f = lambda x: models.to_float(jnp.asarray(x))
     data = Data(
         x=jnp.asarray(ds.x_train),
         y=jnp.asarray(ds.y_train),
@@ -139,7 +137,6 @@ def prepare(spec: Spec) -> Setup:
     init_params = lambda key: module.init(key, sample)["params"]
     shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
-    local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps)
     return Setup(
         spec=spec,
         data=data,
@@ -148,7 +145,6 @@ def prepare(spec: Spec) -> Setup:
         n_params=int(n_params),
         n_classes=ds.n_classes,
         input_shape=tuple(ds.x_train.shape[1:]),
-        max_steps=int(n_local_steps(local, count).max()),
         min_count=int(count.min()),
     )
 
@@ -157,8 +153,6 @@ def with_layout(setup: Setup, client_chunk: int | None = None, mesh=None) -> Set
     """The same Setup with a client chunk size and/or a device mesh (axis ``clients``);
     with a mesh, the data is replicated over its devices."""
     if client_chunk is not None and client_chunk < 1:
-        from fedsim.registry import ConfigError
-
         raise ConfigError(f"client chunk must be >= 1, got {client_chunk}")
     if client_chunk is not None and client_chunk >= setup.spec.participants:
         client_chunk = None
@@ -177,8 +171,6 @@ def client_mesh(n_devices: int | None = None, participants: int | None = None):
     devices = jax.devices()
     n = len(devices) if n_devices is None else n_devices
     if n > len(devices):
-        from fedsim.registry import ConfigError
-
         raise ConfigError(f"asked for {n} devices but only {len(devices)} exist")
     if participants is not None:
         n = max(k for k in range(1, n + 1) if participants % k == 0)
