@@ -103,13 +103,11 @@ def _start_distributed(args) -> None:
 
 
 def _layout(setup, args, n_runs: int = 1):
-    """Apply the memory plan and the device mesh to a Setup (``run`` and ``sweep``)."""
-    from fedsim import engine, memory
+    """Apply the memory plan and the device mesh from the command line to a Setup."""
+    from fedsim import memory
 
-    mesh = None if args.devices == 1 else engine.client_mesh(args.devices, setup.spec.participants)
-    n_dev = 1 if mesh is None else mesh.devices.size
-    plan = memory.plan(setup, n_runs, memory.budget_bytes(args.memory_gb), n_devices=n_dev)
-    return engine.with_layout(setup, client_chunk=plan.client_chunk, mesh=mesh)
+    budget = memory.budget_bytes(args.memory_gb)
+    return memory.lay_out(setup, n_runs, budget, args.devices)[0]
 
 
 def cmd_list() -> int:

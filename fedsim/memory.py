@@ -184,3 +184,17 @@ def plan(setup, n_runs: int, budget: int, n_devices: int = 1, max_batch: int | N
         f"{need / GB:.2f} GB even with 1 run and 1 client trained at a time, but the memory "
         f"budget is {budget / GB:.2f} GB (--memory-gb); largest that fits: {hint}"
     )
+
+
+def lay_out(
+    setup, n_runs: int, budget: int, devices: int | None = None, max_batch: int | None = None
+):
+    """Plan memory for ``n_runs`` runs of ``setup`` and apply the plan: the client mesh
+    over ``devices`` devices (``1`` = none, ``None`` = all that divide the participants)
+    and the client chunk. Returns ``(setup, plan)``; refuses like :func:`plan`."""
+    from fedsim import engine
+
+    mesh = None if devices == 1 else engine.client_mesh(devices, setup.spec.participants)
+    n_dev = 1 if mesh is None else mesh.devices.size
+    chosen = plan(setup, n_runs, budget, n_devices=n_dev, max_batch=max_batch)
+    return engine.with_layout(setup, client_chunk=chosen.client_chunk, mesh=mesh), chosen

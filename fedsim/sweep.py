@@ -392,11 +392,10 @@ def run_sweep(
         bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}]{postfix}",
     )
     for g, (spec, runs, hps) in enumerate(groups):
-        setup = engine.prepare(spec)
-        mesh = engine.client_mesh(mesh_devices, spec.participants) if mesh_devices != 1 else None
-        n_dev = 1 if mesh is None else mesh.devices.size
-        plan = memory.plan(setup, len(runs), budget, n_devices=n_dev, max_batch=max_batch)
-        setup = engine.with_layout(setup, client_chunk=plan.client_chunk, mesh=mesh)
+        setup, plan = memory.lay_out(
+            engine.prepare(spec), len(runs), budget, mesh_devices, max_batch=max_batch
+        )
+        n_dev = 1 if setup.mesh is None else setup.mesh.devices.size
         bar.set_postfix_str(f"group {g + 1}/{len(groups)}, {plan.batch} runs/batch")
         per_run_rounds = spec.rounds
         on_chunk = lambda real, n, r=per_run_rounds: bar.update(real * n / r)
