@@ -81,6 +81,18 @@ def make_trimmed_mean(beta: float = 0.1) -> Aggregator:
     return Aggregator(init=_no_state, aggregate=aggregate)
 
 
+def _mean_around_median(updates, rows, n_rows, q):
+    """Per coordinate, the mean of the ``q`` values of ``rows`` (bool ``[n]``, ``n_rows``
+    of them) closest to their median — MeaMed's rule and Bulyan's last step. Returns
+    (``[d]``, per-client weight ``[n]``)."""
+
+    def block(xb, p):
+        med, _ = ops.median_block(xb, p, n_rows)
+        return ops.closest_block(xb, p, med, q)
+
+    return ops.coordinatewise(block, updates, rows)
+
+
 @REGISTRY.register("meamed")
 def make_meamed(f: int = 0) -> Aggregator:
     """Mean around the median, MeaMed (Xie, Koyejo & Gupta 2018, "Generalized
@@ -99,11 +111,7 @@ def make_meamed(f: int = 0) -> Aggregator:
         m = _count(present)
         q = jnp.maximum(m - f, 1)
 
-        def block(xb, p):
-            med, _ = ops.median_block(xb, p, m)
-            return ops.closest_block(xb, p, med, q)
-
-        out, w = ops.coordinatewise(block, updates, present)
+        out, w = _mean_around_median(updates, present, m, q)
         return out, state, AggInfo(weight=w)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -231,11 +239,7 @@ def make_bulyan(f: int = 0) -> Aggregator:
         picked = _count(chosen)
         beta = jnp.maximum(picked - 2 * f, 1)
 
-        def block(xb, p):
-            med, _ = ops.median_block(xb, p, picked)
-            return ops.closest_block(xb, p, med, beta)
-
-        out, w = ops.coordinatewise(block, updates, chosen)
+        out, w = _mean_around_median(updates, chosen, picked, beta)
         return out, state, AggInfo(weight=w)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
