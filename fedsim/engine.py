@@ -433,21 +433,40 @@ def to_host(metrics: dict) -> dict:
     return out
 
 
+_PROGRAMS: dict = {}  # (spec, layout, rounds per chunk, over runs) -> jitted program
+_MAX_PROGRAMS = 8
+
+
+def program(setup: Setup, n_rounds: int, over_runs: bool = False):
+    """The jitted init (``n_rounds=0``) or chunk of ``n_rounds`` rounds, vmapped over runs
+    when ``over_runs`` (sweeps). Cached per Spec and layout: a second run of the same Spec
+    in a process does not compile again (the data is an argument, not a constant)."""
+    key = (setup.spec, setup.client_chunk, setup.mesh, n_rounds, over_runs)
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= _MAX_PROGRAMS:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        if n_rounds == 0:
+            init = make_init(setup)
+            _PROGRAMS[key] = jax.jit(jax.vmap(init) if over_runs else init)
+        else:
+            chunk = make_chunk(setup, n_rounds)
+            if over_runs:
+                chunk = jax.vmap(chunk, in_axes=(0, 0, None))
+            _PROGRAMS[key] = jax.jit(chunk, donate_argnums=0)
+    return _PROGRAMS[key]
+
+
 def run(setup: Setup, hparams: HParams, seed: int, on_eval: Callable | None = None) -> list[dict]:
     """Run one simulation; ``on_eval(record)`` is called on the host after each chunk with
     ``{"round", "seconds", **metrics}``. Returns the list of records."""
     spec = setup.spec
-    init = jax.jit(make_init(setup))
-    chunk_fns = {}
-    state = init(jax.random.PRNGKey(seed), hparams)
+    state = program(setup, 0)(jax.random.PRNGKey(seed), hparams)
     if setup.mesh is not None:
         state = jax.device_put(state, replicated(setup.mesh))
     history, done, start = [], 0, time.perf_counter()
     while done < spec.rounds:
         n = min(spec.eval_every, spec.rounds - done)
-        if n not in chunk_fns:
-            chunk_fns[n] = jax.jit(make_chunk(setup, n), donate_argnums=0)
-        state, metrics = chunk_fns[n](state, hparams, setup.data)
+        state, metrics = program(setup, n)(state, hparams, setup.data)
         done += n
         record = {"round": done, **to_host(metrics), "seconds": time.perf_counter() - start}
         history.append(record)

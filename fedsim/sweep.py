@@ -275,29 +275,6 @@ def _balanced(n: int, cap: int) -> int:
     return -(-n // n_batches)
 
 
-_PROGRAMS: dict = {}  # (spec, layout, rounds per chunk) -> jitted vmapped chunk
-_MAX_PROGRAMS = 8
-
-
-def _program(setup, n: int):
-    """The jitted, run-vmapped chunk of ``n`` rounds (``n=0``: init), reused across calls
-    in a process (a rerun or a second shard skips the compile when the batch repeats)."""
-    import jax
-
-    from fedsim import engine
-
-    key = (setup.spec, setup.client_chunk, setup.mesh, n)
-    if key not in _PROGRAMS:
-        if len(_PROGRAMS) >= _MAX_PROGRAMS:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        if n == 0:  # the run-vmapped init
-            _PROGRAMS[key] = jax.jit(jax.vmap(engine.make_init(setup)))
-        else:
-            fn = jax.vmap(engine.make_chunk(setup, n), in_axes=(0, 0, None))
-            _PROGRAMS[key] = jax.jit(fn, donate_argnums=0)
-    return _PROGRAMS[key]
-
-
 def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
     """Run every (hparams, seed) of one group; ``batch`` runs at a time as one vmapped
     program (the last batch is padded by repeating its last run, so one compile serves
@@ -310,7 +287,7 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
 
     spec = setup.spec
     batch = _balanced(len(seeds), batch)
-    init = _program(setup, 0)
+    init = engine.program(setup, 0, over_runs=True)
     histories: list[list[dict]] = []
     for start in range(0, len(seeds), batch):
         real = len(seeds[start : start + batch])
@@ -324,7 +301,7 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
         done, t0 = 0, time.perf_counter()
         while done < spec.rounds:
             n = min(spec.eval_every, spec.rounds - done)
-            state, metrics = _program(setup, n)(state, hparams, setup.data)
+            state, metrics = engine.program(setup, n, over_runs=True)(state, hparams, setup.data)
             metrics = jax.device_get(metrics)
             done += n
             seconds = time.perf_counter() - t0
