@@ -450,6 +450,28 @@ def test_radix_select_matches_sort_on_special_values():
     np.testing.assert_array_equal(got, np.sort(x, axis=0))
 
 
+@pytest.mark.parametrize("n", [1, 7, 101, 1000, 9001])
+def test_radix_select_any_row_count(n):
+    # row counts that need padding, and one past 127 groups (wider partial counts)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 5)).astype(np.float32)
+    x[rng.random((n, 5)) < 0.3] = 1.0  # ties
+    present = jnp.asarray(rng.random(n) < 0.9).at[0].set(True)
+    want = np.sort(np.where(np.asarray(present)[:, None], x, np.nan), axis=0)
+    rank = jnp.asarray(sorted({0, n // 5, n // 2, int(present.sum()) - 1}))
+    got = np.asarray(ops.select(jnp.asarray(x), present, rank))
+    np.testing.assert_array_equal(got, want[np.asarray(rank)])
+
+
+@pytest.mark.parametrize("n", [1, 50, 333])
+def test_row_reductions_match_numpy(n):
+    x = np.random.default_rng(n).standard_normal((3, n, 11)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ops.count_rows(jnp.asarray(x > 0))), (x > 0).sum(1))
+    got = np.asarray(ops.sum_rows(jnp.asarray(x)))
+    np.testing.assert_allclose(got, x.sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ops.min_rows(jnp.asarray(x))), x.min(1))
+
+
 def test_radix_select_blocks_cover_every_column():
     x, _ = _data(7, 1300, 19)
     x = np.nan_to_num(x)

@@ -16,6 +16,7 @@ weights do not depend on row order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -24,7 +25,7 @@ from jax import lax
 
 from fedsim.registry import ConfigError
 
-BLOCK = 512  # columns per block: a [1000, 512] block of keys is 2 MB
+BLOCK_ENTRIES = 1 << 18  # entries per column block (1 MB of keys): sized for L2
 _TOP = jnp.uint32(0xFFFFFFFF)
 UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 
@@ -98,6 +99,84 @@ def ranks(scores: jax.Array) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(scores.shape[0]))
 
 
+# --- reductions over rows -----------------------------------------------------------------
+#
+# XLA's CPU backend lowers a reduction over a non-minor axis (``sum(x, axis=0)`` of an
+# ``[n, B]`` block) through a windowed pre-reduction that materialises its input and runs
+# scalar code. Expressed as a tree of elementwise ops on row slices instead, the same sum
+# is one vectorised loop fusion: 3-4x faster on the order-statistic kernels below.
+
+
+def row_layout(n: int) -> tuple[int, int]:
+    """``(groups, inner)`` with ``groups * inner >= n`` and little padding.
+
+    Rows are reduced in two levels: ``groups`` slices of ``inner`` rows are combined first
+    (their partial counts fit in int8 when ``groups <= 127``), then the ``inner`` rows left.
+    ``inner`` stays within a factor 2 of ``max(64, sqrt(n))`` so that neither level grows
+    into a graph of thousands of slices.
+    """
+    widest = min(n, max(64, math.isqrt(n) + 1))
+    best = None
+    for inner in range(widest, (widest + 1) // 2 - 1, -1):
+        groups = -(-n // inner)
+        waste = groups * inner - n
+        if best is None or waste < best[0]:
+            best = (waste, groups, inner)
+    return best[1], best[2]
+
+
+def _tree(op: Callable, parts: list) -> jax.Array:
+    while len(parts) > 1:
+        pairs = [op(a, b) for a, b in zip(parts[::2], parts[1::2], strict=False)]
+        parts = pairs + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+def _pad_rows(x: jax.Array, rows: int, value) -> jax.Array:
+    pad = rows - x.shape[-2]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[-2] = (0, pad)
+    return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
+
+
+def reduce_rows(x: jax.Array, op: Callable, identity, wide_dtype=None) -> jax.Array:
+    """Reduce ``x [..., n, B]`` over its rows with the associative ``op`` -> ``[..., B]``.
+
+    ``identity`` pads the rows; ``wide_dtype`` (optional) is the dtype of the second level,
+    for counts that outgrow the first level's dtype.
+    """
+    n = x.shape[-2]
+    groups, inner = row_layout(n)
+    x = _pad_rows(x, groups * inner, identity)
+    shape = x.shape[:-2] + (groups, inner, x.shape[-1])
+    x = x.reshape(shape)
+    partial = _tree(op, [x[..., g, :, :] for g in range(groups)])
+    if wide_dtype is not None:
+        partial = partial.astype(wide_dtype)
+    return _tree(op, [partial[..., i, :] for i in range(inner)])
+
+
+def count_rows(mask: jax.Array) -> jax.Array:
+    """``[..., B]`` int32: the number of True entries of ``mask [..., n, B]`` per column."""
+    n = mask.shape[-2]
+    groups, _ = row_layout(n)
+    narrow = jnp.int8 if groups <= 127 else jnp.int16 if groups <= 32767 else jnp.int32
+    wide = jnp.int16 if n <= 32767 else jnp.int32
+    return reduce_rows(mask.astype(narrow), jnp.add, 0, wide).astype(jnp.int32)
+
+
+def sum_rows(x: jax.Array) -> jax.Array:
+    """``[..., B]``: the sum of ``x [..., n, B]`` over rows."""
+    return reduce_rows(x, jnp.add, 0)
+
+
+def min_rows(x: jax.Array) -> jax.Array:
+    """``[..., B]``: the minimum of float ``x [..., n, B]`` over rows."""
+    return reduce_rows(x, jnp.minimum, jnp.inf)
+
+
 # --- radix select -------------------------------------------------------------------------
 
 
@@ -119,16 +198,25 @@ def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
     """``[r, B]`` keys of the ``rank[j]``-th smallest (0-based) in each column of ``keys``.
 
     ``keys [n, B]`` uint32, ``rank [r]`` int (traced). Builds the answer bit by bit: the
-    smallest key ``v`` with ``count(keys <= v) > rank``.
+    smallest key ``v`` with ``count(keys <= v) > rank``. Rows are padded once with the max
+    key, which is counted only when every real key is too, so no decision changes.
     """
-    # int16 counts vectorise twice as wide as int32; enough below 32767 rows
-    count_type = jnp.int16 if keys.shape[0] < 32767 else jnp.int32
+    n, width = keys.shape
+    groups, inner = row_layout(n)
+    stacked = _pad_rows(keys, groups * inner, _TOP).reshape(groups, inner, width)
+    narrow_type = jnp.int8 if groups <= 127 else jnp.int16 if groups <= 32767 else jnp.int32
+    count_type = jnp.int16 if n <= 32767 else jnp.int32
     need = rank.astype(count_type)[:, None] + 1
-    found = jnp.zeros((rank.shape[0], keys.shape[1]), jnp.uint32)
+    found = jnp.zeros((rank.shape[0], width), jnp.uint32)
 
     def narrow(i, found):
         bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        count = jnp.sum(keys[None] <= (found | (bit - 1))[:, None, :], axis=1, dtype=count_type)
+        below = (found | (bit - 1))[:, None, :]
+        # compare slice by slice: comparing first and slicing the [r, n, B] mask after
+        # was 2x slower (XLA materialises the mask)
+        hits = [(stacked[g][None] <= below).astype(narrow_type) for g in range(groups)]
+        partial = _tree(jnp.add, hits)
+        count = _tree(jnp.add, [partial[:, i].astype(count_type) for i in range(inner)])
         return jnp.where(count >= need, found, found | bit)
 
     return lax.fori_loop(0, 32, narrow, found, unroll=UNROLL)
@@ -139,8 +227,14 @@ def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
     return from_keys(select_keys(to_keys(x, present), rank))
 
 
+def block_width(n: int) -> int:
+    """Columns per block for ``n`` rows: about ``BLOCK_ENTRIES`` entries, a power of two in
+    [64, 8192]. Narrow blocks of few rows would spend their time in loop overhead."""
+    return int(min(8192, max(64, 1 << round(math.log2(BLOCK_ENTRIES / max(n, 1))))))
+
+
 def by_column_blocks(
-    fn: Callable, x: jax.Array, n_out: int, block: int = BLOCK
+    fn: Callable, x: jax.Array, n_out: int, block: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Apply ``fn(x_block [n, B], fresh [B] bool) -> (out [n_out, B], per_row [n])``.
 
@@ -150,7 +244,7 @@ def by_column_blocks(
     each column once.
     """
     n, d = x.shape
-    block = min(block, d)
+    block = min(block or block_width(n), d)
     n_blocks = -(-d // block)
 
     def body(j, carry):
@@ -243,7 +337,7 @@ def closest_block(x, present, center, q):
     return total / qf, weight / qf
 
 
-def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: int = BLOCK):
+def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: int | None = None):
     """Run ``block_fn(x_block, present) -> (out [B], weight [n, B])`` over column blocks.
 
     Returns ``(out [d], weight [n])`` where weight is averaged over the d coordinates.
