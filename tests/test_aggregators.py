@@ -463,15 +463,6 @@ def test_radix_select_any_row_count(n):
     np.testing.assert_array_equal(got, want[np.asarray(rank)])
 
 
-@pytest.mark.parametrize("n", [1, 50, 333])
-def test_row_reductions_match_numpy(n):
-    x = np.random.default_rng(n).standard_normal((3, n, 11)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(ops.count_rows(jnp.asarray(x > 0))), (x > 0).sum(1))
-    got = np.asarray(ops.sum_rows(jnp.asarray(x)))
-    np.testing.assert_allclose(got, x.sum(1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(ops.min_rows(jnp.asarray(x))), x.min(1))
-
-
 def test_radix_select_blocks_cover_every_column():
     x, _ = _data(7, 1300, 19)
     x = np.nan_to_num(x)

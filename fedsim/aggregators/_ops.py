@@ -99,12 +99,13 @@ def ranks(scores: jax.Array) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(scores.shape[0]))
 
 
-# --- reductions over rows -----------------------------------------------------------------
+# --- reductions over rows inside the radix select ------------------------------------------
 #
-# XLA's CPU backend lowers a reduction over a non-minor axis (``sum(x, axis=0)`` of an
+# XLA's CPU backend lowers a reduction over a non-minor axis (``sum(mask, axis=0)`` of an
 # ``[n, B]`` block) through a windowed pre-reduction that materialises its input and runs
-# scalar code. Expressed as a tree of elementwise ops on row slices instead, the same sum
-# is one vectorised loop fusion: 3-4x faster on the order-statistic kernels below.
+# scalar code. Inside the select's 32 in-cache passes, comparing row slices and adding them
+# as a tree of elementwise ops is one vectorised loop fusion instead: 3x faster. (Outside
+# that loop, where a pass is bound by memory, the plain axis sums are as fast or faster.)
 
 
 def row_layout(n: int) -> tuple[int, int]:
@@ -139,42 +140,6 @@ def _pad_rows(x: jax.Array, rows: int, value) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[-2] = (0, pad)
     return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
-
-
-def reduce_rows(x: jax.Array, op: Callable, identity, wide_dtype=None) -> jax.Array:
-    """Reduce ``x [..., n, B]`` over its rows with the associative ``op`` -> ``[..., B]``.
-
-    ``identity`` pads the rows; ``wide_dtype`` (optional) is the dtype of the second level,
-    for counts that outgrow the first level's dtype.
-    """
-    n = x.shape[-2]
-    groups, inner = row_layout(n)
-    x = _pad_rows(x, groups * inner, identity)
-    shape = x.shape[:-2] + (groups, inner, x.shape[-1])
-    x = x.reshape(shape)
-    partial = _tree(op, [x[..., g, :, :] for g in range(groups)])
-    if wide_dtype is not None:
-        partial = partial.astype(wide_dtype)
-    return _tree(op, [partial[..., i, :] for i in range(inner)])
-
-
-def count_rows(mask: jax.Array) -> jax.Array:
-    """``[..., B]`` int32: the number of True entries of ``mask [..., n, B]`` per column."""
-    n = mask.shape[-2]
-    groups, _ = row_layout(n)
-    narrow = jnp.int8 if groups <= 127 else jnp.int16 if groups <= 32767 else jnp.int32
-    wide = jnp.int16 if n <= 32767 else jnp.int32
-    return reduce_rows(mask.astype(narrow), jnp.add, 0, wide).astype(jnp.int32)
-
-
-def sum_rows(x: jax.Array) -> jax.Array:
-    """``[..., B]``: the sum of ``x [..., n, B]`` over rows."""
-    return reduce_rows(x, jnp.add, 0)
-
-
-def min_rows(x: jax.Array) -> jax.Array:
-    """``[..., B]``: the minimum of float ``x [..., n, B]`` over rows."""
-    return reduce_rows(x, jnp.minimum, jnp.inf)
 
 
 # --- radix select -------------------------------------------------------------------------
