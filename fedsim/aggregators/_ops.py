@@ -25,8 +25,9 @@ from jax import lax
 
 from fedsim.registry import ConfigError
 
-BLOCK_ENTRIES = 1 << 18  # entries per column block (1 MB of keys): sized for L2
+BLOCK_ENTRIES = 1 << 19  # entries per column block (1 MB of keys): sized for L2
 _TOP = jnp.uint32(0xFFFFFFFF)
+_TOP16 = jnp.uint16(0xFFFF)
 UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 
 
@@ -142,6 +143,25 @@ def _pad_rows(x: jax.Array, rows: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
 
 
+def fold_rows(fn: Callable, x: jax.Array, present: jax.Array) -> tuple[jax.Array, ...]:
+    """Per column, the sums over rows of ``fn(x_rows, present_rows)``'s outputs.
+
+    ``x [n, B]``, ``present [n]`` bool; ``fn`` maps a slice ``[inner, B]`` (and its
+    ``[inner, 1]`` presence) to a tuple of ``[inner, B]`` arrays, bool or float. Returns a
+    tuple of float ``[B]`` sums (counts are exact below 2^24). Padding rows are absent.
+    """
+    n, width = x.shape
+    groups, inner = row_layout(n)
+    xs = _pad_rows(x, groups * inner, 0).reshape(groups, inner, width)
+    ps = _pad_rows(present[:, None], groups * inner, False).reshape(groups, inner, 1)
+    parts = [[v.astype(x.dtype) for v in fn(xs[g], ps[g])] for g in range(groups)]
+    partial = [_tree(jnp.add, list(col)) for col in zip(*parts, strict=True)]
+    sums = tuple(_tree(jnp.add, [p[i] for i in range(inner)]) for p in partial)
+    # the sums are elementwise trees: without the barrier XLA fuses them into any [n, B]
+    # consumer and recomputes them for every row
+    return sums
+
+
 # --- radix select -------------------------------------------------------------------------
 
 
@@ -159,32 +179,53 @@ def from_keys(keys: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _digit_search(digits: jax.Array, need: jax.Array, bits: int) -> jax.Array:
+    """``[r, B]``: per rank and column, the smallest ``t`` with ``count(digits <= t) >=
+    need``, found bit by bit. ``digits [r or 1, groups, inner, B]`` unsigned, ``need
+    [r, 1]``."""
+    dtype = digits.dtype
+    groups = digits.shape[1]
+    narrow_type = jnp.int8 if groups <= 127 else jnp.int16 if groups <= 32767 else jnp.int32
+    found = jnp.zeros((need.shape[0], digits.shape[-1]), dtype)
+
+    def narrow(i, found):
+        bit = jnp.left_shift(jnp.asarray(1, dtype), (bits - 1 - i).astype(dtype))
+        below = (found | (bit - 1))[:, None, :]
+        # compare slice by slice: comparing first and slicing the mask after was 2x
+        # slower (XLA materialises the mask)
+        hits = [(digits[:, g] <= below).astype(narrow_type) for g in range(groups)]
+        partial = _tree(jnp.add, hits)
+        count = _tree(jnp.add, [partial[:, j].astype(need.dtype) for j in range(partial.shape[1])])
+        return jnp.where(count >= need, found, found | bit)
+
+    return lax.fori_loop(0, bits, narrow, found, unroll=UNROLL)
+
+
 def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
     """``[r, B]`` keys of the ``rank[j]``-th smallest (0-based) in each column of ``keys``.
 
-    ``keys [n, B]`` uint32, ``rank [r]`` int (traced). Builds the answer bit by bit: the
-    smallest key ``v`` with ``count(keys <= v) > rank``. Rows are padded once with the max
-    key, which is counted only when every real key is too, so no decision changes.
+    ``keys [n, B]`` uint32, ``rank [r]`` int (traced). The answer is the smallest key ``v``
+    with ``count(keys <= v) > rank``, built bit by bit in two 16-bit halves (half the bytes
+    per pass, twice the lanes per compare):
+
+    1. the high half ``P`` of the answer, from the keys' high halves;
+    2. the low half, from each key's low half with keys below ``P``'s range mapped to 0
+       (always counted) and keys above it to 0xFFFF. Those are counted only at the
+       all-ones candidate, which step 1 already showed has enough keys below it, so no
+       decision changes.
+
+    Rows are padded with the max key, which likewise never changes a decision.
     """
     n, width = keys.shape
     groups, inner = row_layout(n)
-    stacked = _pad_rows(keys, groups * inner, _TOP).reshape(groups, inner, width)
-    narrow_type = jnp.int8 if groups <= 127 else jnp.int16 if groups <= 32767 else jnp.int32
-    count_type = jnp.int16 if n <= 32767 else jnp.int32
-    need = rank.astype(count_type)[:, None] + 1
-    found = jnp.zeros((rank.shape[0], width), jnp.uint32)
-
-    def narrow(i, found):
-        bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        below = (found | (bit - 1))[:, None, :]
-        # compare slice by slice: comparing first and slicing the [r, n, B] mask after
-        # was 2x slower (XLA materialises the mask)
-        hits = [(stacked[g][None] <= below).astype(narrow_type) for g in range(groups)]
-        partial = _tree(jnp.add, hits)
-        count = _tree(jnp.add, [partial[:, i].astype(count_type) for i in range(inner)])
-        return jnp.where(count >= need, found, found | bit)
-
-    return lax.fori_loop(0, 32, narrow, found, unroll=UNROLL)
+    keys = _pad_rows(keys, groups * inner, _TOP).reshape(groups, inner, width)
+    need = rank.astype(jnp.int16 if n <= 32767 else jnp.int32)[:, None] + 1
+    high = (keys >> 16).astype(jnp.uint16)
+    top = _digit_search(high[None], need, 16)[:, None, None, :]
+    low = (keys & 0xFFFF).astype(jnp.uint16)[None]
+    low = jnp.where(high[None] < top, jnp.uint16(0), jnp.where(high[None] > top, _TOP16, low))
+    bottom = _digit_search(low, need, 16)
+    return (top[:, 0, 0].astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
 
 
 def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
@@ -261,20 +302,25 @@ def trimmed_block(x, present, m, k):
     """
     lo, hi = select(x, present, jnp.stack([k, m - 1 - k]))
     kept = (m - 2 * k).astype(x.dtype)
-    p = present[:, None]
-    inside = p & (x > lo) & (x < hi)
-    n_lo = jnp.sum(p & (x <= lo), axis=0) - k  # copies of lo that are kept
-    n_hi = (m - k) - jnp.sum(p & (x < hi), axis=0)
+
+    def stats(xs, ps):
+        inside = ps & (xs > lo) & (xs < hi)
+        return (
+            ps & (xs <= lo),
+            ps & (xs < hi),
+            jnp.where(inside, xs, 0),
+        )
+
+    le_lo, lt_hi, inside_sum = fold_rows(stats, x, present)
+    n_lo = le_lo - k.astype(x.dtype)  # copies of lo that are kept
+    n_hi = (m - k).astype(x.dtype) - lt_hi
     same = lo == hi
     n_lo = jnp.where(same, kept, n_lo)
     n_hi = jnp.where(same, 0, n_hi)
-    total = (
-        jnp.sum(jnp.where(inside, x, 0), axis=0)
-        + jnp.where(n_lo > 0, lo * n_lo, 0)
-        + jnp.where(n_hi > 0, hi * n_hi, 0)
-    )
+    total = inside_sum + jnp.where(n_lo > 0, lo * n_lo, 0) + jnp.where(n_hi > 0, hi * n_hi, 0)
+    p = present[:, None]
     weight = (
-        jnp.where(inside, 1.0, 0.0)
+        jnp.where(p & (x > lo) & (x < hi), 1.0, 0.0)
         + tie_share(x, present, lo, n_lo.astype(x.dtype))
         + tie_share(x, present, hi, n_hi.astype(x.dtype))
     )
@@ -310,7 +356,7 @@ def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: 
 
     def fn(xb, fresh):
         out, weight = block_fn(xb, present)
-        return out[None], jnp.sum(jnp.where(fresh[None], weight, 0), axis=1)
+        return out[None], weight @ fresh.astype(weight.dtype)
 
     out, weight = by_column_blocks(fn, x, 1, block)
     return out[0], weight / x.shape[1]
