@@ -82,7 +82,8 @@ def make_nnm(f: int = 0) -> PreAggregator:
         near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None]
         mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
         mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
-        rows = mix @ jnp.where(ok[:, None], updates, 0)
+        safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
+        rows = jnp.matmul(mix, safe, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
         rows = jnp.where(ok[:, None], rows, updates)
         return rows, weights, state, mix.astype(updates.dtype)
 
@@ -113,7 +114,8 @@ def make_bucketing(s: int = 2) -> PreAggregator:
         total = jnp.sum(w, axis=1)
         mix = ops.safe_div(w, total[:, None])
         ok = ops.finite_rows(updates)
-        rows = mix @ jnp.where(ok[:, None], updates, 0)
+        safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
+        rows = jnp.matmul(mix, safe, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
         spoiled = jnp.any(member & ~ok[None], axis=1)  # a non-finite member spoils its bucket
         return jnp.where(spoiled[:, None], jnp.nan, rows), total, state, mix
 
