@@ -22,6 +22,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from fedsim.aggregators import _ops as ops
 from fedsim.registry import ConfigError, Registry
 from fedsim.types import AggContext, AggInfo, Aggregator
 
@@ -91,7 +92,7 @@ def _compose(stages, rule: Aggregator) -> Aggregator:
         out, rule_state, info = rule.aggregate(rows, w, state["rule"], ctx._replace(key=keys[0]))
         weight = info.weight
         for mix in reversed(mixes):
-            weight = weight @ mix
+            weight = ops.dot(weight, mix)
         return out, {"pre": tuple(pre_states), "rule": rule_state}, AggInfo(weight=weight)
 
     return Aggregator(init=init, aggregate=aggregate)
@@ -119,7 +120,7 @@ def make_mean() -> Aggregator:
     def aggregate(updates, weights, state, ctx: AggContext):
         share = normalized(weights.astype(updates.dtype))
         rows = jnp.where((weights > 0)[:, None], updates, 0)
-        return share @ rows, state, AggInfo(weight=share)
+        return ops.dot(share, rows), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 

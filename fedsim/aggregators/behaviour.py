@@ -58,10 +58,10 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
         x = jnp.where(ok[:, None], updates, 0)
         norms = jnp.linalg.norm(x, axis=1)
         root_norm = jnp.linalg.norm(root)
-        cos = ops.safe_div(x @ root, norms * root_norm)
+        cos = ops.safe_div(ops.dot(x, root), norms * root_norm)
         trust = jnp.where(ok, jax.nn.relu(cos), 0)
         coef = normalized(trust) * ops.safe_div(root_norm, norms)
-        return coef @ x, state, AggInfo(weight=coef)
+        return ops.dot(coef, x), state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -96,7 +96,7 @@ def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
         keep = jnp.maximum(jnp.sum(present) - b, 1)
         chosen = ok & (ops.ranks(-scores) < keep)
         share = normalized(chosen.astype(updates.dtype))
-        return share @ jnp.where(chosen[:, None], updates, 0), state, AggInfo(weight=share)
+        return ops.dot(share, jnp.where(chosen[:, None], updates, 0)), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 

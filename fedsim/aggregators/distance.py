@@ -174,7 +174,7 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
         q = jnp.maximum(count - f, 1) if m is None else jnp.minimum(m, count)
         chosen = present & (ops.ranks(scores) < q)
         share = normalized(chosen.astype(updates.dtype))
-        return share @ jnp.where(chosen[:, None], updates, 0), state, AggInfo(weight=share)
+        return ops.dot(share, jnp.where(chosen[:, None], updates, 0)), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -271,9 +271,9 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
             v, _ = carry
             dist = distances_to(x, sq, v)
             beta = normalized(alpha / jnp.maximum(eps, dist))
-            return beta @ x, beta
+            return ops.dot(beta, x), beta
 
-        v, beta = lax.fori_loop(0, iters, step, (alpha @ x, alpha))
+        v, beta = lax.fori_loop(0, iters, step, (ops.dot(alpha, x), alpha))
         return v, state, AggInfo(weight=beta)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -286,8 +286,7 @@ def distances_to(x, sq, v):
     matrix-vector product, where ``norm(x - v, axis=1)`` makes XLA's CPU backend run a
     slow row reduction over a broadcast difference (about 4x the time).
     """
-    dot = jnp.matmul(x, v, precision=lax.Precision.HIGHEST)
-    return jnp.sqrt(jnp.maximum(sq - 2 * dot + jnp.dot(v, v), 0))
+    return jnp.sqrt(jnp.maximum(sq - 2 * ops.dot(x, v) + ops.dot(v, v), 0))
 
 
 def clip_factor(norms, tau):
@@ -322,7 +321,7 @@ def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
             c = share * clip_factor(distances_to(x, sq, v), t)
             c = jnp.where(ok, c, 0)
             keep = 1 - jnp.sum(c)
-            return keep * v + c @ x, keep * a, keep * w + c
+            return keep * v + ops.dot(c, x), keep * a, keep * w + c
 
         v0 = state.astype(updates.dtype)
         v, _, w = lax.fori_loop(0, iters, step, (v0, jnp.ones(()), jnp.zeros_like(share)))
@@ -349,7 +348,7 @@ def make_norm_bound(max_norm: float = 1.0, noise_std: float = 0.0) -> Aggregator
         coef = normalized(weights.astype(x.dtype)) * clip_factor(jnp.linalg.norm(x, axis=1), bound)
         coef = jnp.where(ok, coef, 0)
         noise = std * jax.random.normal(ctx.key, (x.shape[1],), x.dtype)
-        return coef @ x + noise, state, AggInfo(weight=coef)
+        return ops.dot(coef, x) + noise, state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -388,7 +387,7 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
             scores = jnp.where(present, jnp.where(ok, scores, jnp.inf), -jnp.inf)
             good = good & (ops.ranks(-scores) >= removed)
         share = normalized(good.astype(updates.dtype))
-        return share @ jnp.where(good[:, None], updates, 0), state, AggInfo(weight=share)
+        return ops.dot(share, jnp.where(good[:, None], updates, 0)), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -398,7 +397,7 @@ def dnc_scores(sub, ok):
     singular vector (via the top eigenvector of the Gram matrix)."""
     share = normalized(ok.astype(sub.dtype))
     x = jnp.where(ok[:, None], sub, 0)
-    centred = jnp.where(ok[:, None], x - share @ x, 0)
+    centred = jnp.where(ok[:, None], x - ops.dot(share, x), 0)
     gram = jnp.matmul(centred, centred.T, precision=lax.Precision.HIGHEST)
     vals, vecs = jnp.linalg.eigh(gram)
     # projection of row i on v1 is σ1 u1[i]; σ1² = top eigenvalue
@@ -432,7 +431,7 @@ def make_foolsgold(kappa: float = 1.0) -> Aggregator:
         state = state.at[ids].add(x.astype(state.dtype))
         alpha = foolsgold_alpha(state[ids], ok, ctx.hparams.get("kappa", kappa))
         share = normalized(alpha.astype(x.dtype))
-        return share @ x, state, AggInfo(weight=share)
+        return ops.dot(share, x), state, AggInfo(weight=share)
 
     return Aggregator(init=init, aggregate=aggregate)
 
@@ -492,7 +491,7 @@ def make_signguard(
         chosen = by_norm & largest_cluster(feats, ok, shift_iters)
         coef = normalized(chosen.astype(x.dtype)) * clip_factor(norms, med)
         coef = jnp.where(chosen, coef, 0)
-        return coef @ x, state, AggInfo(weight=coef)
+        return ops.dot(coef, x), state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -509,9 +508,9 @@ def largest_cluster(feats, ok, iters):
     pts = jnp.where(ok[:, None], feats, 0)
 
     def shift(_, z):
-        zz = jnp.sum(z * z, 1)[:, None] + jnp.sum(pts * pts, 1)[None] - 2 * z @ pts.T
+        zz = jnp.sum(z * z, 1)[:, None] + jnp.sum(pts * pts, 1)[None] - 2 * ops.dot(z, pts.T)
         near = (jnp.sqrt(jnp.maximum(zz, 0)) <= width) & ok[None, :]
-        return jnp.where(near.any(1)[:, None], normalized_rows(near) @ pts, z)
+        return jnp.where(near.any(1)[:, None], ops.dot(normalized_rows(near), pts), z)
 
     z = lax.fori_loop(0, iters, shift, pts)
     zd = jnp.sqrt(jnp.maximum(jnp.sum((z[:, None] - z[None]) ** 2, -1), 0))

@@ -83,7 +83,7 @@ def make_nnm(f: int = 0) -> PreAggregator:
         mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
         mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
         safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
-        rows = jnp.matmul(mix, safe, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
+        rows = ops.dot(mix, safe)
         rows = jnp.where(ok[:, None], rows, updates)
         return rows, weights, state, mix.astype(updates.dtype)
 
@@ -115,7 +115,7 @@ def make_bucketing(s: int = 2) -> PreAggregator:
         mix = ops.safe_div(w, total[:, None])
         ok = ops.finite_rows(updates)
         safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
-        rows = jnp.matmul(mix, safe, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
+        rows = ops.dot(mix, safe)
         spoiled = jnp.any(member & ~ok[None], axis=1)  # a non-finite member spoils its bucket
         return jnp.where(spoiled[:, None], jnp.nan, rows), total, state, mix
 

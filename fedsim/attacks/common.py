@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedsim.aggregators._ops import dot
 from fedsim.registry import ConfigError
 from fedsim.types import AttackContext, AttackSetup
 
@@ -122,12 +123,6 @@ def rule_kw(setup: AttackSetup) -> dict:
 
 
 # --------------------------------------------------------------------------- masks & stats
-
-
-def dot(a: Array, b: Array) -> Array:
-    """Matrix product in full float32: GPUs would otherwise use TF32, too coarse for the
-    Gram-matrix distances and the tight constraints the attacks solve."""
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def present(ctx: AttackContext) -> Array:
@@ -260,10 +255,10 @@ def project_cosine(u: Array, direction: Array, min_cos: Array) -> Array:
     min_cos = jnp.clip(jnp.asarray(min_cos, u.dtype), -1.0, 1.0)
     e1 = _unit(direction)
     norm_u = jnp.linalg.norm(u)
-    cos = jnp.dot(u, e1) / jnp.where(norm_u > 0, norm_u, 1.0)
-    ortho = u - jnp.dot(u, e1) * e1
+    cos = dot(u, e1) / jnp.where(norm_u > 0, norm_u, 1.0)
+    ortho = u - dot(u, e1) * e1
     axis = jax.nn.one_hot(jnp.argmin(jnp.abs(e1)), u.shape[-1], dtype=u.dtype)
-    fallback = axis - jnp.dot(axis, e1) * e1
+    fallback = axis - dot(axis, e1) * e1
     degenerate = jnp.linalg.norm(ortho) <= 1e-6 * jnp.maximum(norm_u, 1e-30)
     e2 = _unit(jnp.where(degenerate, fallback, ortho))
     angle = jnp.clip(jnp.arccos(min_cos) - 1e-6, 0.0, jnp.pi)
