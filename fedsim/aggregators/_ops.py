@@ -3,10 +3,12 @@
 Order statistics use an exact radix select instead of a sort. Each float32 is mapped to a
 ``uint32`` key whose unsigned order is the float order (NaN and absent rows map to the
 largest key, so they sort last). The k-th smallest key of a column is then found bit by
-bit, most significant first: 32 passes, each a compare-and-count over the rows. Columns
-are processed in blocks (``lax.fori_loop`` over column blocks) so one block of the
-``[n, d]`` matrix stays in cache during its 32 passes. Ranks may be traced (they depend
-on the number of present clients), which a static ``lax.top_k`` could not offer.
+bit, most significant first: 32 passes, each a compare-and-count over the rows, done as
+two 16-bit halves (``select_keys``) with the counts added as trees of row slices (see
+``row_layout``). Columns are processed in blocks (``lax.fori_loop`` over column blocks)
+so one block of the ``[n, d]`` matrix stays in cache during its passes. Ranks may be
+traced (they depend on the number of present clients), which a static ``lax.top_k``
+could not offer.
 
 Conventions shared by the coordinate-wise rules (median, trimmed mean, MeaMed, Bulyan):
 values are compared as floats (``-0.0 == 0.0``); a value tied with others at a selected
