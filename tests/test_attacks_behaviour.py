@@ -6,16 +6,9 @@ is rejected.
 """
 
 import pytest
-
-from fedsim import engine
-from fedsim.config import load_config, to_spec
+from digits_runs import run_digits
 
 BASE = [
-    "data.name=digits",
-    "data.n_clients=20",
-    "client.participants=20",
-    "model.widths=[32]",
-    "client.batch_size=16",
     "client.momentum=0.0",
     "server.momentum=0.0",
     "rounds=12",
@@ -27,9 +20,7 @@ GOAL = "{name: targeted, source: 1, target: 7}"
 
 
 def _run(attack, *options):
-    overrides = BASE + [f"attack.name={attack}", "attack.fraction=0.2", *options]
-    spec, hparams = to_spec(load_config(None, overrides))
-    return engine.run(engine.prepare(spec), hparams, seed=0)
+    return run_digits(*BASE, f"attack.name={attack}", *options)
 
 
 @pytest.mark.slow

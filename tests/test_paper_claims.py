@@ -7,27 +7,15 @@ untargeted attacks visibly lower the accuracy of the plain mean.
 
 import numpy as np
 import pytest
+from digits_runs import run_digits
 
-from fedsim import engine
-from fedsim.config import load_config, to_spec
-
-BASE = [
-    "data.name=digits",
-    "data.n_clients=20",
-    "client.participants=20",
-    "model.widths=[32]",
-    "client.batch_size=16",
-    "rounds=12",
-    "eval_every=4",
-    "attack.fraction=0.2",
-]
+BASE = ["rounds=12", "eval_every=4"]
 GOAL = "{name: targeted, source: 1, target: 7}"
 RULES = {"krum": ["aggregator.f=4"], "median": [], "trimmed_mean": ["aggregator.beta=0.2"]}
 
 
 def _run(*overrides):
-    spec, hparams = to_spec(load_config(None, [*BASE, *overrides]))
-    return engine.run(engine.prepare(spec), hparams, seed=0)
+    return run_digits(*BASE, *overrides)
 
 
 @pytest.mark.parametrize("rule", list(RULES))
