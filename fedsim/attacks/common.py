@@ -281,7 +281,11 @@ def krum_options(setup: AttackSetup):
 
 
 def sum_smallest(values: Array, k) -> Array:
-    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded)."""
+    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded).
+
+    Unlike ``fedsim.aggregators._ops.sum_smallest`` (a radix select for the rules' large
+    ``[n, n]`` distance matrices, ``k >= 1``), ``k`` may be a float, zero or negative
+    here (a sum of nothing), as the Krum acceptance test needs."""
     s = jnp.sort(values, axis=-1)
     take = jnp.arange(values.shape[-1]) < k
     return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
