@@ -507,3 +507,39 @@ def test_iterated_krum_matches_direct_passes():
         picked.add(best)
         left.remove(best)
     assert set(np.flatnonzero(got)) == picked
+
+
+@pytest.mark.parametrize("entries", [None, 7 * 256])  # one block; blocks of 256 columns
+@pytest.mark.parametrize("coef_rows", [None, 3])
+def test_combine_ignores_unkept_rows_even_non_finite(monkeypatch, entries, coef_rows):
+    if entries:
+        monkeypatch.setattr(ops, "PASS_ENTRIES", entries)
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((7, 1000)).astype(np.float32)
+    x[2, 5], x[4, 999] = np.nan, np.inf
+    keep = np.array([1, 1, 0, 1, 0, 1, 1], bool)
+    shape = (7,) if coef_rows is None else (coef_rows, 7)
+    coef = rng.random(shape).astype(np.float32)
+    want = np.where(keep, coef, 0).astype(np.float64) @ np.where(keep[:, None], x, 0)
+    fn = jax.jit(ops.combine)
+    got = np.asarray(fn(jnp.asarray(coef), jnp.asarray(x), jnp.asarray(keep)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # every row kept or known finite: the plain product, same result
+    x_ok = np.where(keep[:, None], x, 1.0)
+    finite = jnp.asarray(~keep)
+    got = np.asarray(fn(jnp.asarray(coef), jnp.asarray(x_ok), jnp.asarray(keep), finite))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entries", [None, 5 * 256])
+def test_row_sq_norms_count_each_column_once(monkeypatch, entries):
+    if entries:
+        monkeypatch.setattr(ops, "NORM_ENTRIES", entries)
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((5, 1001)).astype(np.float32)  # last block shifted left
+    x[3, 17] = np.nan
+    x[4, 1000] = np.inf
+    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x)))
+    want = (x.astype(np.float64) ** 2).sum(axis=1)
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5)
+    assert np.isnan(got[3]) and got[4] == np.inf

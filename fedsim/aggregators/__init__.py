@@ -119,8 +119,7 @@ def make_mean() -> Aggregator:
 
     def aggregate(updates, weights, state, ctx: AggContext):
         share = normalized(weights.astype(updates.dtype))
-        rows = jnp.where((weights > 0)[:, None], updates, 0)
-        return ops.dot(share, rows), state, AggInfo(weight=share)
+        return ops.combine(share, updates, weights > 0), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 

@@ -61,6 +61,74 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
+# --- passes over all of [n, d] ------------------------------------------------------------
+#
+# On XLA:CPU an ``[n, d]`` intermediate that does not fit in cache costs far more than the
+# pass itself: ``dot(c, where(keep[:, None], x, 0))`` writes the masked copy to fresh memory
+# (8x a plain ``dot(c, x)`` at n=1000, d=1e5), and ``sum(x * x, axis=1)`` writes the
+# product. The kernels below keep such intermediates to one column block at a time.
+
+PASS_ENTRIES = 1 << 22  # entries per column block of a masked product (16 MB of float32)
+NORM_ENTRIES = 1 << 20  # entries per column block of the row norms (measured best at 1e8)
+
+
+def _pass_width(n: int, d: int, entries: int) -> int:
+    """Columns per block: about ``entries / n``, a power of two, at least 256, at most d."""
+    return int(min(d, max(256, 1 << round(math.log2(max(entries / max(n, 1), 1))))))
+
+
+def _by_columns(fn: Callable, x: jax.Array, out_shape: tuple, width: int) -> jax.Array:
+    """``out [..., d]`` with ``out[..., cols] = fn(x[:, cols])`` over column blocks (the
+    last block shifted left to fit, so a few columns are computed twice, identically)."""
+    d = x.shape[1]
+    n_blocks = -(-d // width)
+
+    def body(j, out):
+        start = jnp.minimum(j * width, d - width)
+        part = fn(lax.dynamic_slice_in_dim(x, start, width, axis=1))
+        return lax.dynamic_update_slice_in_dim(out, part, start, out.ndim - 1)
+
+    return lax.fori_loop(0, n_blocks, body, jnp.zeros(out_shape + (d,), x.dtype))
+
+
+def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.Array:
+    """``coef @ x`` over the rows where ``keep``: ``coef [n]`` or ``[r, n]``, ``x [n, d]``,
+    ``keep [n]`` bool. Other rows count as 0 even when they hold NaN or Inf (which would
+    poison a plain product: 0 * NaN = NaN).
+
+    When every row is kept or known finite (``finite [n]`` bool, optional) the plain
+    product is exact and runs; otherwise the masking is done one column block at a time.
+    Under ``vmap`` with a batched condition both branches run (still cheaper than masking
+    the whole matrix).
+    """
+    coef = jnp.where(keep, coef, 0).astype(x.dtype)
+    safe = keep if finite is None else keep | finite
+    width = _pass_width(x.shape[0], x.shape[1], PASS_ENTRIES)
+
+    def masked():
+        return _by_columns(
+            lambda xb: dot(coef, jnp.where(keep[:, None], xb, 0)), x, coef.shape[:-1], width
+        )
+
+    return lax.cond(jnp.all(safe), lambda: dot(coef, x), masked)
+
+
+def row_sq_norms(x: jax.Array) -> jax.Array:
+    """``[n]`` squared L2 norms of the rows of ``x [n, d]`` (NaN or Inf for a row holding
+    one), summed over column blocks: 3-4x faster on XLA:CPU than ``sum(x * x, axis=1)``."""
+    n, d = x.shape
+    width = _pass_width(n, d, NORM_ENTRIES)
+    n_blocks = -(-d // width)
+
+    def body(j, acc):
+        start = j * width
+        xb = lax.dynamic_slice_in_dim(x, jnp.minimum(start, d - width), width, axis=1)
+        fresh = jnp.minimum(start, d - width) + jnp.arange(width) >= start
+        return acc + jnp.sum(jnp.where(fresh, xb * xb, 0), axis=1)
+
+    return lax.fori_loop(0, n_blocks, body, jnp.zeros(n, x.dtype))
+
+
 def safe_div(a, b):
     """``a / b`` where ``b != 0``, else 0."""
     return jnp.where(b != 0, a / jnp.where(b != 0, b, 1), 0)

@@ -54,14 +54,14 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
         for _ in range(steps):
             p = p - lr * grad(p, ctx.judge_x, ctx.judge_y)
         root = (p - ctx.global_params).astype(updates.dtype)
-        ok = ops.present_mask(weights) & ops.finite_rows(updates)
-        x = jnp.where(ok[:, None], updates, 0)
-        norms = jnp.linalg.norm(x, axis=1)
+        finite = ops.finite_rows(updates)
+        ok = ops.present_mask(weights) & finite
+        norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), 0)
         root_norm = jnp.linalg.norm(root)
-        cos = ops.safe_div(ops.dot(x, root), norms * root_norm)
+        cos = ops.safe_div(jnp.where(ok, ops.dot(updates, root), 0), norms * root_norm)
         trust = jnp.where(ok, jax.nn.relu(cos), 0)
         coef = normalized(trust) * ops.safe_div(root_norm, norms)
-        return ops.dot(coef, x), state, AggInfo(weight=coef)
+        return ops.combine(coef, updates, ok, finite), state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -88,15 +88,16 @@ def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
         g = ctx.hparams.get("gamma", gamma)
         r = ctx.hparams.get("rho", rho)
         present = ops.present_mask(weights)
-        ok = present & ops.finite_rows(updates)
+        finite = ops.finite_rows(updates)
+        ok = present & finite
         base = ctx.loss_fn(ctx.global_params, ctx.judge_x, ctx.judge_y)
         losses = proposed_losses(ctx.loss_fn, g * updates, ok, ctx)
-        sq = jnp.sum(jnp.where(ok[:, None], updates, 0) ** 2, axis=1)
+        sq = jnp.where(ok, ops.row_sq_norms(updates), 0)
         scores = _bad_last(base - losses - r * sq, ok)
         keep = jnp.maximum(jnp.sum(present) - b, 1)
         chosen = ok & (ops.ranks(-scores) < keep)
         share = normalized(chosen.astype(updates.dtype))
-        return ops.dot(share, jnp.where(chosen[:, None], updates, 0)), state, AggInfo(weight=share)
+        return ops.combine(share, updates, chosen, finite), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 

@@ -174,7 +174,9 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
         q = jnp.maximum(count - f, 1) if m is None else jnp.minimum(m, count)
         chosen = present & (ops.ranks(scores) < q)
         share = normalized(chosen.astype(updates.dtype))
-        return ops.dot(share, jnp.where(chosen[:, None], updates, 0)), state, AggInfo(weight=share)
+        finite = jnp.isfinite(scores)  # a finite score means a finite row
+        out = ops.combine(share, updates, chosen, finite)
+        return out, state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -264,16 +266,16 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
         eps = ctx.hparams.get("nu", nu)
         ok = ops.finite_rows(updates)
         alpha = normalized(jnp.where(ok, weights, 0).astype(updates.dtype))
-        x = jnp.where(ok[:, None], updates, 0)
-        sq = jnp.sum(x * x, axis=1)
+        sq = ops.row_sq_norms(updates)
 
         def step(_, carry):
             v, _ = carry
-            dist = distances_to(x, sq, v)
+            dist = jnp.where(ok, distances_to(updates, sq, v), jnp.inf)
             beta = normalized(alpha / jnp.maximum(eps, dist))
-            return ops.dot(beta, x), beta
+            return ops.combine(beta, updates, ok), beta
 
-        v, beta = lax.fori_loop(0, iters, step, (ops.dot(alpha, x), alpha))
+        v0 = ops.combine(alpha, updates, ok)
+        v, beta = lax.fori_loop(0, iters, step, (v0, alpha))
         return v, state, AggInfo(weight=beta)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -313,15 +315,14 @@ def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
         t = ctx.hparams.get("tau", tau)
         ok = ops.finite_rows(updates)
         share = normalized(ops.present_mask(weights).astype(updates.dtype))
-        x = jnp.where(ok[:, None], updates, 0)
-        sq = jnp.sum(x * x, axis=1)
+        sq = ops.row_sq_norms(updates)
 
         def step(_, carry):
             v, a, w = carry
-            c = share * clip_factor(distances_to(x, sq, v), t)
+            c = share * clip_factor(distances_to(updates, sq, v), t)
             c = jnp.where(ok, c, 0)
             keep = 1 - jnp.sum(c)
-            return keep * v + ops.dot(c, x), keep * a, keep * w + c
+            return keep * v + ops.combine(c, updates, ok), keep * a, keep * w + c
 
         v0 = state.astype(updates.dtype)
         v, _, w = lax.fori_loop(0, iters, step, (v0, jnp.ones(()), jnp.zeros_like(share)))
@@ -344,11 +345,11 @@ def make_norm_bound(max_norm: float = 1.0, noise_std: float = 0.0) -> Aggregator
         bound = ctx.hparams.get("max_norm", max_norm)
         std = ctx.hparams.get("noise_std", noise_std)
         ok = ops.finite_rows(updates)
-        x = jnp.where(ok[:, None], updates, 0)
-        coef = normalized(weights.astype(x.dtype)) * clip_factor(jnp.linalg.norm(x, axis=1), bound)
+        norms = jnp.sqrt(ops.row_sq_norms(updates))
+        coef = normalized(weights.astype(updates.dtype)) * clip_factor(norms, bound)
         coef = jnp.where(ok, coef, 0)
-        noise = std * jax.random.normal(ctx.key, (x.shape[1],), x.dtype)
-        return ops.dot(coef, x) + noise, state, AggInfo(weight=coef)
+        noise = std * jax.random.normal(ctx.key, (updates.shape[1],), updates.dtype)
+        return ops.combine(coef, updates, ok) + noise, state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -387,7 +388,7 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
             scores = jnp.where(present, jnp.where(ok, scores, jnp.inf), -jnp.inf)
             good = good & (ops.ranks(-scores) >= removed)
         share = normalized(good.astype(updates.dtype))
-        return ops.dot(share, jnp.where(good[:, None], updates, 0)), state, AggInfo(weight=share)
+        return ops.combine(share, updates, good, ok), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -478,20 +479,20 @@ def make_signguard(
     def aggregate(updates, weights, state, ctx: AggContext):
         n, d = updates.shape
         present = ops.present_mask(weights)
-        ok = present & ops.finite_rows(updates)
-        x = jnp.where(ok[:, None], updates, 0)
-        norms = jnp.where(ok, jnp.linalg.norm(x, axis=1), jnp.inf)
+        finite = ops.finite_rows(updates)
+        ok = present & finite
+        norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), jnp.inf)
         med = ops.median_block(norms[:, None], ok, _count(ok))[0][0]
         ratio = ops.safe_div(norms, med)
         lo, hi = ctx.hparams.get("lower", lower), ctx.hparams.get("upper", upper)
         by_norm = ok & (ratio >= lo) & (ratio <= hi)
         cols = coordinate_subset(ctx.key, d, max(1, math.ceil(coord_frac * d)))
-        sub = x[:, cols]
+        sub = jnp.where(ok[:, None], updates[:, cols], 0)
         feats = jnp.stack([jnp.mean(sub > 0, 1), jnp.mean(sub == 0, 1), jnp.mean(sub < 0, 1)], 1)
         chosen = by_norm & largest_cluster(feats, ok, shift_iters)
-        coef = normalized(chosen.astype(x.dtype)) * clip_factor(norms, med)
+        coef = normalized(chosen.astype(updates.dtype)) * clip_factor(norms, med)
         coef = jnp.where(chosen, coef, 0)
-        return ops.dot(coef, x), state, AggInfo(weight=coef)
+        return ops.combine(coef, updates, chosen, finite), state, AggInfo(weight=coef)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 

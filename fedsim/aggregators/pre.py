@@ -56,7 +56,7 @@ def make_clip(clip_norm: float = 1.0) -> PreAggregator:
     def apply(updates, weights, state, ctx: AggContext):
         tau = ctx.hparams.get("clip_norm", clip_norm)
         ok = ops.finite_rows(updates)
-        norms = jnp.linalg.norm(jnp.where(ok[:, None], updates, 0), axis=1)
+        norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), 0)
         scale = jnp.where(ok, jnp.minimum(1.0, ops.safe_div(tau, norms)), 1.0)
         return updates * scale[:, None], weights, state, jnp.diag(scale)
 
@@ -82,9 +82,7 @@ def make_nnm(f: int = 0) -> PreAggregator:
         near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None]
         mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
         mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
-        safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
-        rows = ops.dot(mix, safe)
-        rows = jnp.where(ok[:, None], rows, updates)
+        rows = jnp.where(ok[:, None], ops.combine(mix, updates, ok), updates)
         return rows, weights, state, mix.astype(updates.dtype)
 
     return PreAggregator(init=_no_state, apply=apply)
@@ -114,8 +112,7 @@ def make_bucketing(s: int = 2) -> PreAggregator:
         total = jnp.sum(w, axis=1)
         mix = ops.safe_div(w, total[:, None])
         ok = ops.finite_rows(updates)
-        safe = jnp.where(ok[:, None], updates, 0)  # NaN * 0 would poison the product
-        rows = ops.dot(mix, safe)
+        rows = ops.combine(mix, updates, ok)
         spoiled = jnp.any(member & ~ok[None], axis=1)  # a non-finite member spoils its bucket
         return jnp.where(spoiled[:, None], jnp.nan, rows), total, state, mix
 
