@@ -25,6 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fedsim import aggregators, attacks, models
+from fedsim.aggregators._ops import row_sq_norms
 from fedsim.client import LocalSpec, cross_entropy, make_local_train, make_optimizer, n_local_steps
 from fedsim.config import HParams, Spec, accepted, thaw
 from fedsim.data import load, pack, partition
@@ -368,7 +369,7 @@ def _distances_to(reference, updates, present, is_mal) -> dict:
 
     The reference is the rule's output: how far from what the rule accepted each group
     sent (0 when a group has no present member)."""
-    dist = jnp.linalg.norm(updates - reference, axis=1)
+    dist = jnp.sqrt(row_sq_norms(updates, reference))
     mean_over = lambda sel: jnp.sum(jnp.where(sel, dist, 0.0)) / jnp.maximum(jnp.sum(sel), 1)
     return {
         "malicious_distance": mean_over(present & is_mal),

@@ -543,3 +543,9 @@ def test_row_sq_norms_count_each_column_once(monkeypatch, entries):
     want = (x.astype(np.float64) ** 2).sum(axis=1)
     np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5)
     assert np.isnan(got[3]) and got[4] == np.inf
+    # around a center equal to row 0: exactly 0 there, no cancellation
+    center = x[0].copy()
+    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x), jnp.asarray(center)))
+    want = ((x.astype(np.float64) - center) ** 2).sum(axis=1)
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-5)

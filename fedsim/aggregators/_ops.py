@@ -113,17 +113,21 @@ def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.
     return lax.cond(jnp.all(safe), lambda: dot(coef, x), masked)
 
 
-def row_sq_norms(x: jax.Array) -> jax.Array:
-    """``[n]`` squared L2 norms of the rows of ``x [n, d]`` (NaN or Inf for a row holding
-    one), summed over column blocks: 3-4x faster on XLA:CPU than ``sum(x * x, axis=1)``."""
+def row_sq_norms(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
+    """``[n]`` squared L2 norms of the rows of ``x [n, d]`` (of ``x - center [d]`` when
+    given; NaN or Inf for a row holding one), summed over column blocks: 3-4x faster on
+    XLA:CPU than ``sum(x * x, axis=1)``, and exact where ``|x|² - 2 x·c + |c|²`` would
+    cancel for rows close to ``center``."""
     n, d = x.shape
     width = _pass_width(n, d, NORM_ENTRIES)
     n_blocks = -(-d // width)
 
     def body(j, acc):
-        start = j * width
-        xb = lax.dynamic_slice_in_dim(x, jnp.minimum(start, d - width), width, axis=1)
-        fresh = jnp.minimum(start, d - width) + jnp.arange(width) >= start
+        start = jnp.minimum(j * width, d - width)
+        xb = lax.dynamic_slice_in_dim(x, start, width, axis=1)
+        if center is not None:
+            xb = xb - lax.dynamic_slice_in_dim(center, start, width)[None]
+        fresh = start + jnp.arange(width) >= j * width
         return acc + jnp.sum(jnp.where(fresh, xb * xb, 0), axis=1)
 
     return lax.fori_loop(0, n_blocks, body, jnp.zeros(n, x.dtype))

@@ -179,8 +179,9 @@ def pairwise_sq_dists(x: Array) -> Array:
 
     Callers centre ``x`` first (distances do not change) so the Gram trick keeps precision.
     """
-    sq = jnp.sum(x * x, axis=1)
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * dot(x, x.T), 0.0)
+    gram = dot(x, x.T)
+    sq = jnp.diagonal(gram)  # the squared norms, without a pass over x
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
 
 
 def spread(dists: Array, mask: Array, statistic: str) -> Array:
