@@ -287,13 +287,19 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
 
     spec = setup.spec
     batch = _balanced(len(seeds), batch)
-    init = engine.program(setup, 0, over_runs=True)
+    # one run at a time: the program `fedsim run` uses (a vmap over one run would turn the
+    # rules' lax.cond fast paths into selects that run both branches)
+    over_runs = batch > 1
+    init = engine.program(setup, 0, over_runs=over_runs)
     histories: list[list[dict]] = []
     for start in range(0, len(seeds), batch):
         real = len(seeds[start : start + batch])
         idx = [min(start + j, len(seeds) - 1) for j in range(batch)]
-        hparams = _stack([hparams_list[i] for i in idx])
-        keys = jax.numpy.stack([jax.random.PRNGKey(seeds[i]) for i in idx])
+        if over_runs:
+            hparams = _stack([hparams_list[i] for i in idx])
+            keys = jax.numpy.stack([jax.random.PRNGKey(seeds[i]) for i in idx])
+        else:
+            hparams, keys = hparams_list[idx[0]], jax.random.PRNGKey(seeds[idx[0]])
         state = init(keys, hparams)
         if setup.mesh is not None:
             state = jax.device_put(state, engine.replicated(setup.mesh))
@@ -301,8 +307,11 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
         done, t0 = 0, time.perf_counter()
         while done < spec.rounds:
             n = min(spec.eval_every, spec.rounds - done)
-            state, metrics = engine.program(setup, n, over_runs=True)(state, hparams, setup.data)
+            chunk = engine.program(setup, n, over_runs=over_runs)
+            state, metrics = chunk(state, hparams, setup.data)
             metrics = jax.device_get(metrics)
+            if not over_runs:
+                metrics = {k: [v] for k, v in metrics.items()}
             done += n
             seconds = time.perf_counter() - t0
             for j in range(real):

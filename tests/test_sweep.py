@@ -122,6 +122,21 @@ def test_vmapped_sweep_equals_separate_runs(sharded):
     assert yaml.safe_load((folder / "config.yaml").read_text()) == run.cfg
 
 
+def test_one_run_per_program_is_the_lone_run_exactly(tmp_path):
+    # max_batch=1 runs the program `fedsim run` uses, not a vmap over one run
+    doc = {"base": {**BASE, "aggregator": {"name": "geometric_median"}}, "seeds": [3]}
+    sweep = expand(doc)
+    run_sweep(sweep, tmp_path, quiet=True, max_batch=1)
+    (run,) = sweep.runs
+    spec, hp = to_spec(run.cfg)
+    alone = engine.run(engine.prepare(spec), hp, run.cfg["seed"])
+    folder = tmp_path / "runs" / run.run_id
+    recorded = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(recorded, alone, strict=True):
+        for k in ("test_accuracy", "test_loss", "malicious_weight", "update_norm"):
+            assert got[k] == want[k], k
+
+
 def test_rerun_skips_done_runs_and_runs_only_new_points(sharded, tmp_path):
     root, sweep, _ = sharded
     part0 = root / "part0"
