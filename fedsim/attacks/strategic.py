@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedsim.aggregators._ops import row_sq_norms
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
     COSINE_RULES,
@@ -121,7 +122,7 @@ def reference_point(kind, rows, mask, ctx):
 
 
 def _cosines(rows, direction):
-    norms = jnp.linalg.norm(rows, axis=1) * jnp.linalg.norm(direction)
+    norms = jnp.sqrt(row_sq_norms(rows)) * jnp.linalg.norm(direction)
     return dot(rows, direction) / jnp.where(norms > 0, norms, 1.0)
 
 
@@ -187,7 +188,7 @@ def make_strategic_distance(**kw) -> Attack:
             c = count(present(ctx) & is_malicious)
             out = project_l2(adv, ref, scale * krum_radius(rows, mask, adv[0], ref, c))
         elif constraint == "l2":
-            dists = jnp.linalg.norm(rows - ref, axis=1)
+            dists = jnp.sqrt(row_sq_norms(rows, ref))
             out = project_l2(adv, ref, scale * spread(dists, mask, o["spread"]))
         else:
             angles = jnp.arccos(jnp.clip(_cosines(rows, ref), -1.0, 1.0))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
+from fedsim.aggregators._ops import row_sq_norms
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
     KRUM_RULES,
@@ -216,7 +217,7 @@ def fang_krum_bound(rows, mask, n_crafted):
     dist = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), dist, jnp.inf)
     nearest = sum_smallest(dist, jnp.maximum(count(mask) - 2.0, 1.0))
     nearest = jnp.min(jnp.where(mask, nearest, jnp.inf))
-    norms = jnp.max(jnp.where(mask, jnp.linalg.norm(rows, axis=1), 0.0))
+    norms = jnp.max(jnp.where(mask, jnp.sqrt(row_sq_norms(rows)), 0.0))
     root_d = jnp.sqrt(jnp.float32(d))
     bound = nearest / (jnp.maximum(m - 2.0 * n_crafted - 1.0, 1.0) * root_d) + norms / root_d
     return jnp.where(jnp.isfinite(bound), bound, norms / root_d)
@@ -299,7 +300,7 @@ def min_max_gamma(rows, mask, p):
     bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], pairwise_sq_dists(dev), 0.0))
     a = jnp.sum(p * p)
     half_b = -dot(dev, p)
-    c = jnp.sum(dev * dev, axis=1) - bound
+    c = row_sq_norms(dev) - bound
     root = (-half_b + jnp.sqrt(jnp.maximum(half_b**2 - a * c, 0.0))) / jnp.where(a > 0, a, 1.0)
     return jnp.where(a > 0, jnp.min(jnp.where(mask, root, jnp.inf)), 0.0)
 
