@@ -440,9 +440,9 @@ def make_foolsgold(kappa: float = 1.0) -> Aggregator:
 def foolsgold_alpha(history, ok, kappa):
     """FoolsGold's per-client learning-rate weights from the ``[n, d]`` histories."""
     n = history.shape[0]
-    norms = jnp.linalg.norm(history, axis=1)
-    unit = history / jnp.where(norms > 0, norms, 1)[:, None]
-    cs = jnp.matmul(unit, unit.T, precision=lax.Precision.HIGHEST)
+    gram = ops.self_gram(history)  # cosines from one Gram matrix, no normalised copy
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+    cs = ops.safe_div(gram, norms[:, None] * norms[None, :])  # 0 for an empty history
     eye = jnp.eye(n, dtype=bool)
     pair = ok[:, None] & ok[None, :]
     cs = jnp.where(pair, jnp.where(eye, 0.0, cs), -jnp.inf)  # as the original: cs - I
