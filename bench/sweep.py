@@ -3,17 +3,18 @@ processes, timed back to back (wall clock, each side including its process start
 
 64 runs = 4 seeds x 4 client learning rates x 4 ALIE strengths (``attack.z``) on MNIST,
 1,000 clients (iid, 60 samples each: 2 local steps of 32), 100 participants per round,
-MLP(100), coordinate-wise trimmed mean (``--aggregator`` picks another rule), 20% malicious
-clients, ``--rounds`` rounds. The sweep saves each process's start-up and compile, not
-compute (on a CPU a vmapped run costs what a lone one does), so the ratio grows as rounds
-get cheaper: FedAvg's rounds cost less than half the trimmed mean's.
+MLP(100), 20% malicious clients, ``--rounds`` rounds, once per rule in ``--aggregator``
+(default: FedAvg, then coordinate-wise trimmed mean). The sweep saves each process's
+start-up and compile, not compute (on a CPU a vmapped run costs what a lone one does), so
+the ratio grows as rounds get cheaper: FedAvg's rounds cost half the trimmed mean's.
 Timing all 64 separate processes would take long on a small machine, so
 ``--separate K`` (default 4) times the first K and extrapolates linearly to 64
 (printed). The separate runs' final accuracies are checked against the sweep's records.
 
-    .venv/bin/python bench/sweep.py [--rounds 10] [--separate 4] [--aggregator mean]
+    .venv/bin/python bench/sweep.py [--rounds 10] [--separate 4] [--aggregator mean ...]
 
-Writes ``bench/results/sweep.json`` (``sweep_<aggregator>.json`` for another rule).
+Writes ``bench/results/sweep.json`` for the trimmed mean, ``sweep_<aggregator>.json`` for
+another rule.
 """
 
 from __future__ import annotations
@@ -64,15 +65,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--separate", type=int, default=4, help="separate runs to time")
-    parser.add_argument("--aggregator", default="trimmed_mean", help="the runs' rule")
+    parser.add_argument(
+        "--aggregator", nargs="+", default=["mean", "trimmed_mean"], help="the runs' rule(s)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    for aggregator in args.aggregator:
+        print(f"-- {aggregator} + ALIE", flush=True)
+        bench_one(args.rounds, args.separate, aggregator)
+
+
+def bench_one(rounds: int, separate: int, aggregator: str) -> None:
     from fedsim.config import dump
     from fedsim.sweep import expand
 
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-sweep-"))
     try:
-        doc = sweep_doc(args.rounds, args.aggregator)
+        doc = sweep_doc(rounds, aggregator)
         sweep_file = work / "sweep.yaml"
         sweep_file.write_text(yaml.safe_dump(doc))
         runs = expand(doc).runs
@@ -88,7 +97,7 @@ def main() -> None:
             flush=True,
         )
 
-        k = min(args.separate, 64)
+        k = min(separate, 64)
         times, diffs = [], []
         for i, run in enumerate(runs[:k]):
             cfg_file = work / f"run{i}.yaml"
@@ -112,7 +121,7 @@ def main() -> None:
         result = {
             "bench": "sweep",
             "runs": 64,
-            "rounds": args.rounds,
+            "rounds": rounds,
             "sweep_seconds": t_sweep,
             "runs_per_program": sweep_summaries[0]["batch"],
             "separate_timed": k,
@@ -125,8 +134,7 @@ def main() -> None:
         }
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        default = args.aggregator == "trimmed_mean"
-        name = "sweep.json" if default else f"sweep_{args.aggregator}.json"
+        name = "sweep.json" if aggregator == "trimmed_mean" else f"sweep_{aggregator}.json"
         (results / name).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
