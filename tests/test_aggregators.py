@@ -475,9 +475,12 @@ def test_radix_select_blocks_cover_every_column():
     np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
 
 
-def test_gram_by_upper_blocks_matches_full_product():
-    x = np.random.default_rng(20).standard_normal((601, 40)).astype(np.float32)
-    got = np.asarray(ops.self_gram(jnp.asarray(x), parts=4, min_rows=1))
+@pytest.mark.parametrize("entries", [None, 601 * 256])  # one chunk; 3 chunks and a rest
+def test_gram_by_upper_blocks_matches_full_product(monkeypatch, entries):
+    if entries:
+        monkeypatch.setattr(ops, "GRAM_ENTRIES", entries)
+    x = np.random.default_rng(20).standard_normal((601, 1000)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda a: ops.self_gram(a, parts=4, min_rows=1))(jnp.asarray(x)))
     want = x.astype(np.float64) @ x.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(got, got.T)

@@ -70,6 +70,7 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 PASS_ENTRIES = 1 << 22  # entries per column block of a masked product (16 MB of float32)
 NORM_ENTRIES = 1 << 20  # entries per column block of the row norms (measured best at 1e8)
+GRAM_ENTRIES = 1 << 23  # entries per column chunk of a Gram matrix (8192 columns at n=1000)
 
 
 def _pass_width(n: int, d: int, entries: int) -> int:
@@ -159,11 +160,28 @@ def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
 
     XLA's CPU matmul has no symmetric (syrk) path; with ``x`` cut into ``parts`` row blocks
     the ``parts (parts + 1) / 2`` products do 5/8 of the work for 4 parts, and the blocks
-    stay large enough to run at full matmul speed.
+    stay large enough to run at full matmul speed. The columns are taken in chunks of about
+    ``GRAM_ENTRIES`` entries (a loop summing the chunks' Gram matrices): over the whole
+    length XLA's product ran 25% slower at n=1000, d=1e5. Below ``min_rows`` rows one
+    plain product is faster.
     """
-    n = x.shape[0]
+    n, d = x.shape
     if n < min_rows:
         return jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
+    width = _pass_width(n, d, GRAM_ENTRIES)
+    n_full = d // width
+
+    def body(j, acc):
+        return acc + _upper_gram(lax.dynamic_slice_in_dim(x, j * width, width, axis=1), parts)
+
+    gram = lax.fori_loop(0, n_full, body, jnp.zeros((n, n), x.dtype))
+    if d > n_full * width:
+        gram = gram + _upper_gram(x[:, n_full * width :], parts)
+    return gram
+
+
+def _upper_gram(x: jax.Array, parts: int) -> jax.Array:
+    n = x.shape[0]
     size = -(-n // parts)
     rows = [x[i : i + size] for i in range(0, n, size)]
     grid = [[None] * len(rows) for _ in rows]
