@@ -78,20 +78,6 @@ def _pass_width(n: int, d: int, entries: int) -> int:
     return int(min(d, max(256, 1 << round(math.log2(max(entries / max(n, 1), 1))))))
 
 
-def _by_columns(fn: Callable, x: jax.Array, out_shape: tuple, width: int) -> jax.Array:
-    """``out [..., d]`` with ``out[..., cols] = fn(x[:, cols])`` over column blocks (the
-    last block shifted left to fit, so a few columns are computed twice, identically)."""
-    d = x.shape[1]
-    n_blocks = -(-d // width)
-
-    def body(j, out):
-        start = jnp.minimum(j * width, d - width)
-        part = fn(lax.dynamic_slice_in_dim(x, start, width, axis=1))
-        return lax.dynamic_update_slice_in_dim(out, part, start, out.ndim - 1)
-
-    return lax.fori_loop(0, n_blocks, body, jnp.zeros(out_shape + (d,), x.dtype))
-
-
 def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.Array:
     """``coef @ x`` over the rows where ``keep``: ``coef [n]`` or ``[r, n]``, ``x [n, d]``,
     ``keep [n]`` bool. Other rows count as 0 even when they hold NaN or Inf (which would
@@ -107,9 +93,14 @@ def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.
     width = _pass_width(x.shape[0], x.shape[1], PASS_ENTRIES)
 
     def masked():
-        return _by_columns(
-            lambda xb: dot(coef, jnp.where(keep[:, None], xb, 0)), x, coef.shape[:-1], width
+        rows = coef.reshape(-1, coef.shape[-1])  # [r, n]
+        out, _ = by_column_blocks(
+            lambda xb, fresh: (dot(rows, jnp.where(keep[:, None], xb, 0)), jnp.zeros(xb.shape[0])),
+            x,
+            rows.shape[0],
+            width,
         )
+        return out.reshape(coef.shape[:-1] + x.shape[1:])
 
     return lax.cond(jnp.all(safe), lambda: dot(coef, x), masked)
 
