@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-batch",
         type=int,
         default=None,
-        help="at most this many runs per vmapped program (default: as many as fit; 8 on CPU)",
+        help="at most this many runs per vmapped program (default: as many as fit; 1 on CPU)",
     )
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     _layout_args(sweep)
