@@ -73,11 +73,6 @@ NORM_ENTRIES = 1 << 20  # entries per column block of the row norms (measured be
 GRAM_ENTRIES = 1 << 23  # entries per column chunk of a Gram matrix (8192 columns at n=1000)
 
 
-def _pass_width(n: int, d: int, entries: int) -> int:
-    """Columns per block: about ``entries / n``, a power of two, at least 256, at most d."""
-    return int(min(d, max(256, 1 << round(math.log2(max(entries / max(n, 1), 1))))))
-
-
 def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.Array:
     """``coef @ x`` over the rows where ``keep``: ``coef [n]`` or ``[r, n]``, ``x [n, d]``,
     ``keep [n]`` bool. Other rows count as 0 even when they hold NaN or Inf (which would
@@ -90,7 +85,7 @@ def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.
     """
     coef = jnp.where(keep, coef, 0).astype(x.dtype)
     safe = keep if finite is None else keep | finite
-    width = _pass_width(x.shape[0], x.shape[1], PASS_ENTRIES)
+    width = block_width(x.shape[0], PASS_ENTRIES, 256, x.shape[1])
 
     def masked():
         rows = coef.reshape(-1, coef.shape[-1])  # [r, n]
@@ -111,18 +106,15 @@ def row_sq_norms(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     XLA:CPU than ``sum(x * x, axis=1)``, and exact where ``|x|² - 2 x·c + |c|²`` would
     cancel for rows close to ``center``."""
     n, d = x.shape
-    width = _pass_width(n, d, NORM_ENTRIES)
-    n_blocks = -(-d // width)
 
-    def body(j, acc):
-        start = jnp.minimum(j * width, d - width)
-        xb = lax.dynamic_slice_in_dim(x, start, width, axis=1)
-        if center is not None:
-            xb = xb - lax.dynamic_slice_in_dim(center, start, width)[None]
-        fresh = start + jnp.arange(width) >= j * width
-        return acc + jnp.sum(jnp.where(fresh, xb * xb, 0), axis=1)
+    def fn(xb, fresh, *center_block):
+        if center_block:
+            xb = xb - center_block[0][None]
+        return jnp.zeros((0, xb.shape[1]), x.dtype), jnp.sum(jnp.where(fresh, xb * xb, 0), 1)
 
-    return lax.fori_loop(0, n_blocks, body, jnp.zeros(n, x.dtype))
+    columns = () if center is None else (center,)
+    width = block_width(n, NORM_ENTRIES, 256, d)
+    return by_column_blocks(fn, x, 0, width, *columns)[1]
 
 
 def safe_div(a, b):
@@ -159,7 +151,7 @@ def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
     n, d = x.shape
     if n < min_rows:
         return jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST)
-    width = _pass_width(n, d, GRAM_ENTRIES)
+    width = block_width(n, GRAM_ENTRIES, 256, d)
     n_full = d // width
 
     def body(j, acc):
@@ -334,16 +326,20 @@ def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
     return from_keys(select_keys(to_keys(x, present), rank))
 
 
-def block_width(n: int) -> int:
-    """Columns per block for ``n`` rows: about ``BLOCK_ENTRIES`` entries, a power of two in
-    [64, 8192]. Narrow blocks of few rows would spend their time in loop overhead."""
-    return int(min(8192, max(64, 1 << round(math.log2(BLOCK_ENTRIES / max(n, 1))))))
+def block_width(
+    n: int, entries: int = BLOCK_ENTRIES, narrowest: int = 64, widest: int = 8192
+) -> int:
+    """Columns per block for ``n`` rows: about ``entries`` entries, a power of two in
+    ``[narrowest, widest]`` (narrow blocks of few rows spend their time in loop overhead)."""
+    pow2 = 1 << round(math.log2(max(entries / max(n, 1), 1)))
+    return int(min(widest, max(narrowest, pow2)))
 
 
 def by_column_blocks(
-    fn: Callable, x: jax.Array, n_out: int, block: int | None = None
+    fn: Callable, x: jax.Array, n_out: int, block: int | None = None, *columns: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Apply ``fn(x_block [n, B], fresh [B] bool) -> (out [n_out, B], per_row [n])``.
+    """Apply ``fn(x_block [n, B], fresh [B] bool, *column_blocks) -> (out [n_out, B],
+    per_row [n])``; each of ``columns`` (``[d]`` vectors) is sliced like ``x``.
 
     Returns ``(out [n_out, d], sum of per_row over blocks [n])``. The last block is
     shifted left to fit (``dynamic_slice`` clamps), so some columns are computed twice;
@@ -358,8 +354,9 @@ def by_column_blocks(
         out, acc = carry
         start = jnp.minimum(j * block, d - block)
         xb = lax.dynamic_slice_in_dim(x, start, block, axis=1)
+        cols = [lax.dynamic_slice_in_dim(c, start, block) for c in columns]
         fresh = start + jnp.arange(block) >= j * block
-        ob, rb = fn(xb, fresh)
+        ob, rb = fn(xb, fresh, *cols)
         return lax.dynamic_update_slice_in_dim(out, ob.astype(out.dtype), start, 1), acc + rb
 
     init = (jnp.zeros((n_out, d), x.dtype), jnp.zeros((n,), x.dtype))
