@@ -54,8 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": {"name": "mean"},
     "attack": {"name": "none", "fraction": 0.0},
     "judge": {"size": 0, "classes": None},
-    # The adversary's proxy of the judge's data; size null = the judge's own data.
-    "proxy": {"size": None, "classes": None},
+    # The adversary's proxy of the judge's data. held_out: drawn apart from the judge's and
+    # the clients' data (size and classes default to the judge's); judge: the judge's own
+    # samples (an omniscient adversary).
+    "proxy": {"source": "held_out", "size": None, "classes": None},
     # A finished run folder without attack: metrics then gain accuracy_drop against it.
     "baseline": None,
 }
@@ -106,6 +108,7 @@ class Spec:
     judge_classes: tuple | None
     proxy_size: int | None
     proxy_classes: tuple | None
+    proxy_source: str
     rounds: int
     eval_every: int
 
@@ -310,6 +313,14 @@ def validate(cfg: dict) -> None:
             raise ConfigError(
                 f"{side}.classes must be null or a list of class ids, got {classes!r}"
             )
+    proxy = cfg["proxy"]
+    if proxy["source"] not in ("held_out", "judge"):
+        raise ConfigError(f"proxy.source must be held_out or judge, got {proxy['source']!r}")
+    if proxy["source"] == "judge" and (proxy["size"] is not None or proxy["classes"] is not None):
+        raise ConfigError(
+            "proxy.source: judge uses the judge's own samples; leave proxy.size and "
+            "proxy.classes null"
+        )
     baseline = cfg["baseline"]
     if baseline is not None and not (Path(str(baseline)) / "metrics.jsonl").is_file():
         raise ConfigError(
@@ -360,6 +371,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         judge_classes=None if classes is None else tuple(classes),
         proxy_size=cfg["proxy"]["size"],
         proxy_classes=None if proxy_classes is None else tuple(proxy_classes),
+        proxy_source=cfg["proxy"]["source"],
         rounds=cfg["rounds"],
         eval_every=cfg["eval_every"],
     )

@@ -81,6 +81,9 @@ class RunState(NamedTuple):
     malicious: jax.Array  # bool [n_clients], fixed per run
     rounds_key: jax.Array
     round: jax.Array  # int32 scalar
+    # The last round's aggregate, ravelled [d]: public to every participant (the change of
+    # the global model), so attacks may read it; zeros before the first round.
+    previous_aggregate: jax.Array
 
 
 class RoundMetrics(NamedTuple):
@@ -88,38 +91,62 @@ class RoundMetrics(NamedTuple):
     honest_weight: jax.Array  # share of the aggregate from honest clients
     malicious_participants: jax.Array
     update_norm: jax.Array
-    finite: jax.Array  # False once the aggregate is NaN/Inf (divergence)
+    finite: jax.Array  # False once the aggregate or the model is NaN/Inf (divergence)
     malicious_distance: jax.Array  # mean L2 distance of malicious updates to the aggregate
     honest_distance: jax.Array  # mean L2 distance of honest updates to the aggregate
 
 
-def _held_indices(labels: np.ndarray, size: int, classes, seed: int, what: str) -> np.ndarray:
-    """``size`` training indices restricted to ``classes`` (all when None), seeded."""
+def carve_held_out(labels: np.ndarray, spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(judge, proxy, clients): disjoint index sets of the training set.
+
+    The judge's data (``judge.size`` samples of ``judge.classes``) is drawn first, then the
+    adversary's proxy from what is left (``proxy.source: held_out``; its size and classes
+    default to the judge's, so it stands for the same distribution), then the clients share
+    the rest. With ``proxy.source: judge`` the proxy *is* the judge's set (an omniscient
+    adversary). Seeds derive from ``partition_seed``; with no judge and no proxy every
+    sample goes to the clients, exactly as before.
+    """
+    remaining = np.arange(len(labels))
+    judge = _draw(
+        labels, remaining, spec.judge_size, spec.judge_classes, spec.partition_seed + 1, "judge"
+    )
+    remaining = np.setdiff1d(remaining, judge)
+    if spec.proxy_source == "judge":
+        proxy = judge
+    else:
+        size = spec.judge_size if spec.proxy_size is None else spec.proxy_size
+        classes = spec.judge_classes if spec.proxy_classes is None else spec.proxy_classes
+        proxy = _draw(labels, remaining, size, classes, spec.partition_seed + 2, "proxy")
+        remaining = np.setdiff1d(remaining, proxy)
+    return judge, proxy, remaining
+
+
+def _draw(labels, pool, size: int, classes, seed: int, what: str) -> np.ndarray:
+    """``size`` indices of ``pool`` whose label is in ``classes`` (all when None), seeded."""
     if size == 0:
         return np.zeros((0,), np.int64)
-    pool = np.arange(len(labels))
     if classes is not None:
-        pool = pool[np.isin(labels, classes)]
+        pool = pool[np.isin(labels[pool], classes)]
     if len(pool) < size:
-        raise ConfigError(f"{what}.size {size} exceeds the {len(pool)} samples available")
+        raise ConfigError(
+            f"{what}.size {size} exceeds the {len(pool)} training samples left for it; "
+            f"ask for at most {len(pool)}"
+        )
     return np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
 
 
 def prepare(spec: Spec) -> Setup:
     """Load and partition the data, put it on the device, build the model."""
     ds = load(spec.dataset, spec.data_source, spec.data_dir)
+    judge, proxy, rest = carve_held_out(ds.y_train, spec)
     parts = partition(
-        spec.partition, ds.y_train, spec.n_clients, spec.partition_seed, **thaw(spec.partition_kw)
+        spec.partition,
+        ds.y_train[rest],
+        spec.n_clients,
+        spec.partition_seed,
+        **thaw(spec.partition_kw),
     )
-    idx, count = pack(parts)
-    judge = _held_indices(
-        ds.y_train, spec.judge_size, spec.judge_classes, spec.partition_seed + 1, "judge"
-    )
-    proxy = judge
-    if spec.proxy_size is not None:
-        proxy = _held_indices(
-            ds.y_train, spec.proxy_size, spec.proxy_classes, spec.partition_seed + 2, "proxy"
-        )
+    idx, count = pack([rest[p] for p in parts])
     to_f = lambda x: models.to_float(jnp.asarray(x))
     data = Data(
         x=jnp.asarray(ds.x_train),
@@ -243,6 +270,7 @@ def make_init(setup: Setup):
             malicious=malicious,
             rounds_key=k_rounds,
             round=jnp.zeros((), jnp.int32),
+            previous_aggregate=jnp.zeros_like(flat),
         )
 
     return init
@@ -325,7 +353,7 @@ def make_round(setup: Setup):
                 hparams=hparams.attack,
                 weights=weights,
                 benign_updates=benign,
-                agg_state=state.agg_state,
+                previous_aggregate=state.previous_aggregate,
                 loss_fn=flat_loss,
                 proxy_x=data.proxy_x if has_proxy else None,
                 proxy_y=data.proxy_y if has_proxy else None,
@@ -348,16 +376,25 @@ def make_round(setup: Setup):
         grad = jax.tree.map(jnp.negative, unravel(delta))
         step, opt_state = server_opt.update(grad, state.server_opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, step)
+        params_finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])
+        )
         metrics = RoundMetrics(
             malicious_weight=jnp.sum(jnp.where(is_mal, info.weight, 0.0)),
             honest_weight=jnp.sum(jnp.where(is_mal, 0.0, info.weight)),
             malicious_participants=jnp.sum(is_mal),
             update_norm=jnp.linalg.norm(delta),
-            finite=jnp.all(jnp.isfinite(delta)),
+            finite=jnp.all(jnp.isfinite(delta)) & params_finite,
             **_distances_to(delta, updates, weights > 0, is_mal),
         )
         new_state = RunState(
-            params, opt_state, agg_state, state.malicious, state.rounds_key, state.round + 1
+            params,
+            opt_state,
+            agg_state,
+            state.malicious,
+            state.rounds_key,
+            state.round + 1,
+            delta.astype(state.previous_aggregate.dtype),
         )
         return new_state, metrics
 
@@ -418,8 +455,10 @@ def make_chunk(setup: Setup, n_rounds: int):
         body = lambda s, _: round_step(s, hparams, data)
         state, per_round = jax.lax.scan(body, state, None, length=n_rounds)
         metrics = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_round._asdict().items()}
-        metrics["finite"] = jnp.all(per_round.finite)
         metrics.update(evaluate(state.params, data))
+        # a model that evaluates to a non-finite loss has diverged even if its steps looked
+        # finite (an overflow inside the forward pass)
+        metrics["finite"] = jnp.all(per_round.finite) & jnp.isfinite(metrics["test_loss"])
         return state, metrics
 
     return chunk

@@ -83,8 +83,10 @@ class AttackContext(NamedTuple):
     weights: ``[n]`` participation weights of the round's rows.
     benign_updates: ``[n, d]`` or ``None``: what every row would send if honest (for
         malicious rows: trained on clean data). ``None`` unless the attack asks for it.
-    agg_state: the aggregator's state (e.g. centred clipping's previous aggregate), for
-        attacks that know the rule.
+    previous_aggregate: ``[d]`` the last round's aggregate (zeros in the first round). Every
+        participant can infer it from two consecutive global models, so it is no privileged
+        knowledge; the aggregator's own state (e.g. FoolsGold's per-client histories) is
+        never passed to an attack.
     loss_fn, proxy_x, proxy_y: the adversary's proxy of the judge's data, for
         behaviour-aware attacks.
     """
@@ -94,7 +96,7 @@ class AttackContext(NamedTuple):
     hparams: dict
     weights: Array
     benign_updates: Array | None = None
-    agg_state: Any = None
+    previous_aggregate: Array | None = None
     loss_fn: LossFn | None = None
     proxy_x: Array | None = None
     proxy_y: Array | None = None
@@ -117,8 +119,10 @@ class AttackSetup(NamedTuple):
 class Attack(NamedTuple):
     """An adversary.
 
-    poison(x [b, ...], y [b], key, hparams) -> (x, y): applied to malicious clients'
-        batches during local training (data poisoning); ``None`` for none.
+    poison(x [b, ...], y [b], key, hparams, rank [b], count) -> (x, y): applied to
+        malicious clients' batches during local training (data poisoning); ``rank`` is
+        each row's rank in the client's random poison order of its ``count`` samples
+        (``fedsim.attacks.data``); ``None`` for none.
     craft(updates [n, d], is_malicious [n] bool, ctx) -> updates [n, d]: rewrites the
         malicious rows in-graph (model poisoning); ``None`` for none. Honest rows must be
         returned unchanged.

@@ -157,6 +157,7 @@ def test_no_retrace_across_hparams_and_vmap(name):
         ("fang", {"variant": "bulyan"}, "trimmed_mean"),
         ("backdoor", {"target": 5}, "[0, 2]"),
         ("label_flip", {"source": 1}, "both"),
+        ("label_flip", {"source": 1, "target": 1}, "must differ"),
         ("strategic_distance", {"goal": "mystery"}, "unknown goal"),
         ("strategic_distance", {"goal": {"name": "targeted", "source": 9}}, "[0, 2]"),
         ("mimic", {"target": -1}, "row index"),
@@ -174,9 +175,26 @@ def test_bad_options_are_config_errors(name, kw, needle):
 
 def test_label_flip_batches_exact():
     _, y = build("label_flip").poison(X, Y, None, {})
-    np.testing.assert_array_equal(y, C - 1 - Y)
+    np.testing.assert_array_equal(y, np.array([2, 0, 1])[Y])  # C = 3: 0 -> 2 -> 1 -> 0
     _, y = build("label_flip", source=1, target=2).poison(X, Y, None, {"poison_fraction": 0.5})
     np.testing.assert_array_equal(y, [0, 2, 2, 2, 0, 2, 1, 1])
+
+
+@pytest.mark.parametrize("classes", range(2, 12))
+def test_all_classes_flip_is_a_derangement(classes):
+    from fedsim.attacks.data import flip_all
+
+    y = np.arange(classes)
+    flipped = np.asarray(flip_all(jnp.asarray(y), classes))
+    assert sorted(flipped.tolist()) == y.tolist()  # a permutation
+    assert (flipped != y).all()  # with no fixed point
+    middle = {0, (classes - 1) // 2, classes - 1} if classes % 2 else set()
+    for c in set(range(classes)) - middle:  # C-1-y wherever that moves the class
+        assert flipped[c] == classes - 1 - c
+    # and so a correct prediction never counts as a success
+    attack = build("label_flip", setup=SETUP._replace(n_classes=classes))
+    perfect = lambda x: jax.nn.one_hot(jnp.asarray(y), classes)
+    assert float(attack.success(perfect, jnp.zeros((classes, 1)), jnp.asarray(y))) == 0.0
 
 
 def test_targeted_batch_and_success():
@@ -415,9 +433,8 @@ def test_strategic_distance_rule_references():
         1 + 1e-6
     )
     prev = (_rng.normal(size=D) * 0.1).astype(np.float32)
-    state = {"aggregate": jnp.asarray(prev), "step": jnp.int32(3)}
     cc = build("strategic_distance", spread="max", setup=SETUP._replace(rule="centered_clipping"))
-    out = craft(cc, context(updates=adv, agg_state=state), adv)
+    out = craft(cc, context(updates=adv, previous_aggregate=jnp.asarray(prev)), adv)
     radius = np.linalg.norm(HONEST - prev, axis=1).max()
     assert np.linalg.norm(out[0] - prev) <= radius * (1 + 1e-6)
 

@@ -102,3 +102,64 @@ def test_malicious_set_follows_fraction(setup):
     for fraction, expected in [(0.0, 0), (0.25, 3), (0.5, 6)]:
         state = init(jax.random.PRNGKey(0), hparams.replace(attack_fraction=jnp.float32(fraction)))
         assert int(state.malicious.sum()) == expected
+
+
+def _history(*overrides, seed=0):
+    spec, hparams = to_spec(load_config(None, [*BASE, *overrides]))
+    return engine.run(engine.prepare(spec), hparams, seed=seed)
+
+
+def test_divergence_is_reported_from_the_first_evaluation():
+    """A server step that overflows the model marks the run as diverged at once, even
+    when the aggregate itself was finite (issue: finite looked at the aggregate only)."""
+    history = _history("server.lr=1.0e+30", "rounds=2", "eval_every=1")
+    assert history[0]["finite"] is False
+    assert history[0]["test_loss"] is None
+
+
+def test_a_blow_up_in_the_last_round_is_reported():
+    history = _history("rounds=4", "eval_every=2")
+    assert all(r["finite"] for r in history)
+    # the same run whose last chunk's model overflows in the forward pass only
+    spec, hparams = to_spec(load_config(None, [*BASE, "rounds=2", "eval_every=2"]))
+    setup = engine.prepare(spec)
+    state = engine.program(setup, 0)(jax.random.PRNGKey(0), hparams)
+    huge = jax.tree.map(lambda p: p * 1e30, state.params)  # finite, but logits overflow
+    _, metrics = jax.jit(engine.make_chunk(setup, 1))(
+        state._replace(params=huge), hparams, setup.data
+    )
+    assert not bool(metrics["finite"])
+
+
+def test_judge_proxy_and_clients_are_disjoint():
+    spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "judge.classes=[0, 2, 3]"]))
+    labels = np.asarray(engine.load(spec.dataset).y_train)
+    judge, proxy, clients = engine.carve_held_out(labels, spec)
+    setup = engine.prepare(spec)
+    idx, count = np.asarray(setup.data.idx), np.asarray(setup.data.count)
+    held_by_clients = np.concatenate([idx[i, : count[i]] for i in range(len(count))])
+    assert len(set(judge) & set(proxy)) == 0
+    assert len(set(judge) & set(held_by_clients)) == 0
+    assert len(set(proxy) & set(held_by_clients)) == 0
+    assert set(held_by_clients) <= set(clients)
+    # the default proxy stands for the judge's data: same size and classes, other samples
+    assert len(proxy) == len(judge) == 30
+    assert set(labels[proxy]) <= {0, 2, 3} and set(labels[judge]) <= {0, 2, 3}
+    np.testing.assert_array_equal(np.asarray(setup.data.judge_y), labels[judge])
+    np.testing.assert_array_equal(np.asarray(setup.data.proxy_y), labels[proxy])
+    # an omniscient adversary's proxy is the judge's set itself, only when asked for
+    spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "proxy.source=judge"]))
+    judge, proxy, _ = engine.carve_held_out(labels, spec)
+    np.testing.assert_array_equal(judge, proxy)
+
+
+def test_attacks_see_the_previous_aggregate_never_the_rule_state():
+    from fedsim.types import AttackContext
+
+    assert "agg_state" not in AttackContext._fields
+    spec, hparams = to_spec(load_config(None, [*BASE, "aggregator.name=centered_clipping"]))
+    setup = engine.prepare(spec)
+    state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(0), hparams)
+    step = jax.jit(engine.make_round(setup))
+    state, _ = step(state, hparams, setup.data)
+    np.testing.assert_array_equal(state.previous_aggregate, state.agg_state)

@@ -31,7 +31,7 @@ Array = jax.Array
 MEDIAN_RULES = frozenset({"median", "trimmed_mean", "bulyan", "meamed", "phocas"})
 # Rules judging updates by cosine similarity to a direction.
 COSINE_RULES = frozenset({"fltrust", "foolsgold"})
-# Rules whose reference is the previous aggregate, read from ctx.agg_state.
+# Rules whose reference is the previous aggregate (ctx.previous_aggregate).
 PREVIOUS_AGGREGATE_RULES = frozenset({"centered_clipping"})
 KRUM_RULES = frozenset({"krum", "multi_krum"})
 

@@ -86,18 +86,6 @@ def pick_geometry(rule: str, knows_rule: bool, reference: str, constraint: str):
     return reference, constraint
 
 
-def previous_aggregate(agg_state, d: int):
-    """First ``[d]`` leaf of the aggregator's state, or ``None``.
-
-    Convention agreed with the aggregators: centred clipping keeps its previous aggregate
-    (the centre of its clipping ball, an update) as the first ``[d]`` leaf of its state.
-    """
-    for leaf in jax.tree_util.tree_leaves(agg_state):
-        if getattr(leaf, "shape", None) == (d,):
-            return leaf
-    return None
-
-
 def proxy_root_update(ctx):
     """The adversary's guess of the server's root update: ``-grad L_proxy(global)``.
 
@@ -110,12 +98,11 @@ def proxy_root_update(ctx):
 
 
 def reference_point(kind, rows, mask, ctx):
-    d = rows.shape[1]
     ref = None
     if kind == "median":
         ref = masked_median(rows, mask)
     elif kind == "previous":
-        ref = previous_aggregate(ctx.agg_state, d)
+        ref = ctx.previous_aggregate
     elif kind == "root":
         ref = proxy_root_update(ctx)
     return masked_mean(rows, mask) if ref is None else ref.astype(rows.dtype)
