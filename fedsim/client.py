@@ -89,6 +89,9 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
             jnp.arange(spec.epochs_bound())
         )
         orders = jax.vmap(lambda k: epoch_order(k, count, padded))(epoch_keys)
+        if poison is not None:  # each sample's rank in this round's poison order
+            rank_key, poison_key = jax.random.split(poison_key)
+            poison_rank = sample_ranks(rank_key, count, idx_row.shape[0])
 
         def loss_fn(p, x, y, mask):
             return cross_entropy(apply_fn({"params": p}, x), y, mask)
@@ -101,7 +104,8 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
             rows = idx_row[pos]
             x, y = to_float(data_x[rows]), data_y[rows]
             if poison is not None:
-                px, py = poison(x, y, jax.random.fold_in(poison_key, t), hp["attack"])
+                rank = jnp.where(mask > 0, poison_rank[pos], idx_row.shape[0])
+                px, py = poison(x, y, jax.random.fold_in(poison_key, t), hp["attack"], rank, count)
                 x = jnp.where(is_malicious, px, x)
                 y = jnp.where(is_malicious, py, y)
             grads = jax.grad(loss_fn)(p, x, y, mask)
@@ -135,6 +139,14 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
 def per_epoch_padding(n_positions: int, batch: int) -> int:
     """Length of an epoch's order array: positions rounded up to whole batches."""
     return ((n_positions + batch - 1) // batch) * batch
+
+
+def sample_ranks(key, count, length: int):
+    """int32 ``[length]``: a uniformly random ranking ``0..count-1`` of the first ``count``
+    positions; positions past the client's data rank ``count`` and above."""
+    scores = jax.random.uniform(key, (length,))
+    scores = jnp.where(jnp.arange(length) < count, scores, 2.0 + jnp.arange(length))
+    return jnp.argsort(jnp.argsort(scores)).astype(jnp.int32)
 
 
 def epoch_order(key, count, length: int):

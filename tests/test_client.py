@@ -91,3 +91,36 @@ def test_single_step_and_oversized_batch_match_the_plain_loop(problem):
             strict=True,
         ):
             np.testing.assert_allclose(got, want - start, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("count, batch, epochs", [(5, 16, 1), (21, 8, 2), (7, 4, 1)])
+def test_poison_fraction_counts_real_samples_only(problem, count, batch, epochs):
+    """Backdoor at fraction 0.5 poisons exactly round(0.5 * count) of the client's real
+    samples in every epoch, never padding, whatever the batch size (issue: a client with 5
+    samples and batch 16 was poisoned at 100%)."""
+    from fedsim.attacks import make as make_attack
+    from fedsim.types import AttackSetup
+
+    x, y, module, params = problem
+    attack = make_attack("backdoor", target=0, setup=AttackSetup(n_classes=10, input_shape=SHAPE))
+    seen = []
+
+    def poison(xb, yb, key, hp, rank, cnt):
+        px, py = attack.poison(xb, yb, key, hp, rank, cnt)
+        chosen = jnp.any(px != xb, axis=(1, 2, 3))  # the rows the attack stamped
+        jax.debug.callback(lambda c, r: seen.append((int(c), np.asarray(r))), chosen.sum(), rank)
+        return px, py
+
+    spec = LocalSpec(batch_size=batch, epochs=epochs, steps=None)
+    train = make_local_train(module.apply, spec, poison=poison)
+    positions = jnp.arange(40, dtype=jnp.int32)
+    hp = {"lr": jnp.float32(0.1), "momentum": jnp.float32(0.0), "attack": {}}
+    steps = epochs * -(-count // min(batch, 40))
+    train(params, x, y, positions, jnp.int32(count), steps, jax.random.PRNGKey(0), hp, True)
+    per_epoch = -(-count // batch)
+    assert len(seen) == steps
+    for e in range(epochs):
+        epoch = seen[e * per_epoch : (e + 1) * per_epoch]
+        assert sum(c for c, _ in epoch) == int(np.round(0.5 * count))
+        ranks = np.concatenate([r for _, r in epoch])
+        assert sorted(ranks[ranks < count].tolist()) == list(range(count))

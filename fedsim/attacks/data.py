@@ -1,9 +1,12 @@
 """Data-poisoning attacks (and the goals of the strategic adversaries).
 
-Each poisons the first ``round(poison_fraction * b)`` examples of a malicious client's
-batch ``x [b, ...]`` float32 in [0, 1], ``y [b]`` int32 (batches are shuffled by the
-engine, so "the first k" is a random subset of size exactly k; a traced fraction changes
-no shape). ``success(predict, x, y)`` is the attack success rate on the test set.
+Each poisons exactly ``round(poison_fraction * count)`` of a malicious client's ``count``
+real samples: the client draws a random order of its samples each round and hands every
+row of a batch ``x [b, ...]`` (float32 in [0, 1]), ``y [b]`` (int32) its ``rank`` in that
+order (padding rows rank past ``count``); rows ranked below ``round(fraction * count)``
+are poisoned, whatever the batch size or padding (a traced fraction changes no shape).
+Called without ``rank``, the batch is taken as the client's whole data.
+``success(predict, x, y)`` is the attack success rate on the test set.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from fedsim.registry import ConfigError
 from fedsim.types import Attack
 
 
-def _first_k(b: int, fraction) -> jnp.ndarray:
-    return jnp.arange(b) < jnp.round(jnp.asarray(fraction, jnp.float32) * b)
+def poisoned_rows(b: int, fraction, rank=None, count=None) -> jnp.ndarray:
+    """``[b]`` bool: rows whose ``rank`` among the client's ``count`` real samples is below
+    ``round(fraction * count)`` (module docstring); without ``rank``, the first
+    ``round(fraction * b)`` rows."""
+    if rank is None:
+        rank, count = jnp.arange(b), b
+    return rank < jnp.round(jnp.asarray(fraction, jnp.float32) * count)
 
 
 def _check_classes(attack: str, n_classes: int, **labels) -> None:
@@ -42,13 +50,26 @@ def _hit_rate(predict, x, target, relevant) -> jnp.ndarray:
 FRACTION = Opt(1.0, number(0.0, 1.0))
 
 
+def flip_all(y, n_classes: int):
+    """The all-classes flip ``y -> C-1-y`` (Fang et al. 2020's label flipping), made a
+    derangement: with an odd ``C`` the middle class ``m`` would map to itself, so ``0``,
+    ``m`` and ``C-1`` rotate instead (``0 -> C-1 -> m -> 0``)."""
+    flipped = n_classes - 1 - y
+    if n_classes % 2 == 0:
+        return flipped
+    mid = (n_classes - 1) // 2
+    flipped = jnp.where(y == n_classes - 1, mid, flipped)
+    return jnp.where(y == mid, 0, flipped)
+
+
 @REGISTRY.register("label_flip", traced=("poison_fraction",))
 def make_label_flip(**kw) -> Attack:
-    """Label flipping: ``y -> C-1-y`` for every class, or ``source -> target`` only.
+    """Label flipping: every class flipped by :func:`flip_all`, or ``source -> target``.
 
-    Options: ``source``/``target`` (ints, both or neither), ``poison_fraction`` (traced,
-    default 1). Success: fraction of test inputs predicted as their flipped label (of the
-    ``source`` class only when given).
+    Options: ``source``/``target`` (distinct ints, both or neither), ``poison_fraction``
+    (traced, default 1). Success: fraction of test inputs predicted as their flipped label
+    (of the ``source`` class only when given); no class maps to itself, so a correct
+    prediction never counts as a success.
     """
     o, setup = parse(
         "label_flip",
@@ -63,14 +84,17 @@ def make_label_flip(**kw) -> Attack:
     if (source is None) != (target is None):
         raise ConfigError("attack 'label_flip': give both 'source' and 'target', or neither")
     _check_classes("label_flip", c, source=source, target=target)
+    if source is not None and source == target:
+        raise ConfigError("attack 'label_flip': 'source' and 'target' must differ")
 
     def flip(y):
         if source is None:
-            return c - 1 - y
+            return flip_all(y, c)
         return jnp.where(y == source, target, y)
 
-    def poison(x, y, key, hparams):
-        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+    def poison(x, y, key, hparams, rank=None, count=None):
+        fraction = hparams.get("poison_fraction", o["poison_fraction"])
+        chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         return x, jnp.where(chosen, flip(y), y).astype(y.dtype)
 
     def success(predict, x, y):
@@ -104,8 +128,9 @@ def make_targeted(**kw) -> Attack:
     if source == target:
         raise ConfigError("attack 'targeted': 'source' and 'target' must differ")
 
-    def poison(x, y, key, hparams):
-        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+    def poison(x, y, key, hparams, rank=None, count=None):
+        fraction = hparams.get("poison_fraction", o["poison_fraction"])
+        chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         return x, jnp.where(chosen & (y == source), target, y).astype(y.dtype)
 
     def success(predict, x, y):
@@ -176,8 +201,9 @@ def make_backdoor(**kw) -> Attack:
         mask = jnp.asarray(trigger_mask(x.shape[1:], o["pattern"], o["size"], o["corner"]))
         return jnp.where(mask, jnp.asarray(o["value"], x.dtype), x)
 
-    def poison(x, y, key, hparams):
-        chosen = _first_k(y.shape[0], hparams.get("poison_fraction", o["poison_fraction"]))
+    def poison(x, y, key, hparams, rank=None, count=None):
+        fraction = hparams.get("poison_fraction", o["poison_fraction"])
+        chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         bx = chosen.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.where(bx, stamp(x), x), jnp.where(chosen, target, y).astype(y.dtype)
 
