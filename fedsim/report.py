@@ -253,10 +253,12 @@ class Axis:
     values: list
     labels: list[str]
 
+    def __post_init__(self):
+        self._position = {_ident(v): i for i, v in enumerate(self.values)}
+
     def index(self, point: dict) -> int:
         """Position of a point's value on this axis."""
-        ident = _ident(value_at(point, self.key))
-        return next(i for i, v in enumerate(self.values) if _ident(v) == ident)
+        return self._position[_ident(value_at(point, self.key))]
 
 
 def axis_of(records: list[Record], key: str) -> Axis:
@@ -535,7 +537,11 @@ def _pair_note(table: Table) -> str:
 
 
 def tables_markdown(
-    records: list[Record], metrics: list[str], rows: Axis | None, cols: Axis | None
+    records: list[Record],
+    metrics: list[str],
+    rows: Axis | None,
+    cols: Axis | None,
+    level: int = 2,
 ) -> str:
     """The compact tables: per metric, ``rows`` x ``cols`` (split by the other axes when
     they make at most ``MAX_SLICES`` slices); with fewer than two axes one table of every
@@ -546,7 +552,7 @@ def tables_markdown(
     others = [a.key for a in swept_axes(records) if a.key not in (rows.key, cols.key)]
     parts = []
     for metric in metrics:
-        parts.append(f"## {metric_words(metric)}\n")
+        parts.append(f"{'#' * level} {metric_words(metric)}\n")
         for title, members in slices(records, others):
             table = compact_table(members, metric, rows, cols)
             head = f"{title}: " if title else ""
@@ -579,8 +585,17 @@ def _figure(width: float, height: float):
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``DPI`` (no timestamp metadata); returns ``path``."""
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    """Write ``fig`` as a PNG at ``DPI``, reduced to a 256-colour palette (about a quarter
+    of the bytes; plots have few colours); returns ``path``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    image = Image.open(buf).convert("RGB")
+    small = image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    small.save(path, format="png", optimize=True)
     return Path(path)
 
 
@@ -872,9 +887,12 @@ def conflict_points(
     return out
 
 
-def conflict_figure(points: dict[str, list[ConflictPoint]], knob: str, seeds: str = ""):
-    """Final attack success rate (y) against final honest weight (x), one line per group,
-    points labelled with their knob value; error bars when points pool several runs."""
+def conflict_figure(
+    points: dict[str, list[ConflictPoint]], knob: str, seeds: str = "", groups: str = ""
+):
+    """Final attack success rate (y) against final honest weight (x), one line per group
+    (legend titled ``groups``), points labelled with their knob value; error bars when
+    points pool several runs."""
     fig = _figure(6.8, 4.8)
     ax = fig.subplots()
     for i, (group, pts) in enumerate(points.items()):
@@ -882,18 +900,8 @@ def conflict_figure(points: dict[str, list[ConflictPoint]], knob: str, seeds: st
         ys = [p.attack_success.mean for p in pts]
         xerr = [p.honest_weight.std if p.honest_weight.n > 1 else 0.0 for p in pts]
         yerr = [p.attack_success.std if p.attack_success.n > 1 else 0.0 for p in pts]
-        ax.errorbar(
-            xs,
-            ys,
-            xerr=xerr,
-            yerr=yerr,
-            marker="o",
-            ms=4,
-            capsize=2,
-            lw=1.4,
-            color=_colour(i),
-            label=group,
-        )
+        style = dict(marker="o", ms=4, capsize=2, lw=1.4, color=_colour(i), label=group)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, **style)
         for p, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlim(-0.03, 1.03)
@@ -901,9 +909,10 @@ def conflict_figure(points: dict[str, list[ConflictPoint]], knob: str, seeds: st
     ax.set_xlabel(_metric_axis_label("final_honest_weight"))
     ax.set_ylabel(_metric_axis_label("final_attack_success_rate"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="group", title_fontsize=7)
-    spread = f"; mean ± std over {seeds}" if seeds and not seeds.startswith("1 seed") else ""
-    fig.suptitle(f"conflict: attack success vs honest weight along {knob}{spread}", fontsize=10)
+    ax.legend(fontsize=7, title=groups or None, title_fontsize=7)
+    spread = f"mean ± std over {seeds}" if seeds and not seeds.startswith("1 seed") else seeds
+    knobs = ", ".join(knob.split(","))
+    fig.suptitle(f"attack success vs honest weight along {knobs}\n{spread}", fontsize=10)
     return fig
 
 
@@ -963,17 +972,17 @@ class Plot:
     build: Any
 
 
-def _bar(total: int, desc: str, show: bool):
+def _bar(total: int, desc: str, unit: str, show: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="", disable=not show, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, leave=False)
 
 
 def load_records(dirs, progress: bool = False) -> tuple[list[dict], list[Record]]:
     """The finished runs under ``dirs`` (see ``load_runs``) and their Records; a progress
     line on stderr when ``progress`` and there are ``PROGRESS_MIN_RUNS`` runs or more."""
     total = sum(1 for d in dirs for _ in (Path(d) / "runs").glob("*"))
-    with _bar(total, "report: reading runs", progress and total >= PROGRESS_MIN_RUNS) as bar:
+    with _bar(total, "report: reading runs", "run", progress and total >= PROGRESS_MIN_RUNS) as bar:
         runs = load_runs(dirs, on_run=lambda: bar.update(1))
     return runs, [record_of(r) for r in runs]
 
@@ -1046,15 +1055,18 @@ def conflict_plot(records: list[Record], knob: str) -> Plot:
             f"--conflict {knob}: no run with that knob has both a final attack success rate "
             "and a final honest weight (a targeted attack is needed)"
         )
-    caption = f"final attack success rate vs final honest weight along {knob}, one line per group"
+    groups = ", ".join(a.key for a in swept_axes(records) if a.key not in knobs)
+    caption = f"final attack success rate vs final honest weight along {knob}"
+    caption += f", one line per {groups}" if groups else ""
     name = f"conflict_{_safe(knob)}.png"
-    return Plot(name, caption, lambda: conflict_figure(points, knob, _seeds(records)))
+    return Plot(name, caption, lambda: conflict_figure(points, knob, _seeds(records), groups))
 
 
 def _markdown_files(records, dirs, metrics, pair, plots) -> tuple[str, str]:
     """The text of summary.md and REPORT.md."""
     overview = overview_markdown(records, dirs)
     tables = tables_markdown(records, metrics, *pair) if metrics else "(no metrics)\n"
+    sections = tables_markdown(records, metrics, *pair, level=3) if metrics else tables
     machines = (
         "For machines: `summary.csv` (one row per setting: mean and std over seeds of every "
         "final metric, swept mappings as dotted columns) and `results.csv` (one row per run)."
@@ -1063,7 +1075,7 @@ def _markdown_files(records, dirs, metrics, pair, plots) -> tuple[str, str]:
     figures = "\n".join(f"### {p.caption}\n\n![{p.caption}]({p.name})\n" for p in plots)
     report = (
         f"# Sweep report\n\n{overview}\nTables: [summary.md](summary.md). {machines}\n\n"
-        f"## Tables\n\n{tables}\n## Figures\n\n{figures or '(none)'}\n"
+        f"## Tables\n\n{sections}\n## Figures\n\n{figures or '(none)'}\n"
     )
     return summary, report
 
@@ -1094,7 +1106,7 @@ def make_report(
     write_atomic(out / "summary.csv", to_csv(summary))
     written.append(out / "summary.csv")
     show = progress and len(runs) >= PROGRESS_MIN_RUNS
-    with _bar(len(plots), "report: figures", show) as bar:
+    with _bar(len(plots), "report: figures", "fig", show) as bar:
         for p in plots:
             written.append(save_figure(p.build(), out / p.name))
             bar.update(1)

@@ -185,6 +185,17 @@ def test_compact_table_cells():
     assert none.reason == alie.reason == "no target" and none.mean is None
     assert strategic.n == 3 and strategic.mean == pytest.approx(0.3)
     assert table.seeds == "3 seeds" and table.pooled == []
+    # a cell no run reached, and one whose runs all diverged
+    krum_none = lambda r: (
+        r.point["aggregator"]["name"] == "krum" and r.point["attack"] == ATTACKS[0]
+    )
+    kept = [r for r in records if not krum_none(r)]
+    for r in kept:
+        if r.point["aggregator"]["name"] == "mean":
+            r.metrics["final_test_accuracy"], r.diverged = None, True
+    table = compact_table(kept, "final_test_accuracy", axes[0], axes[1])
+    assert table.cells[0][0].reason == "not run" and table.cells[1][0].reason == "diverged"
+    assert report.fmt_stat(table.cells[2][0]) == "0.810 ± 0.008"
 
 
 def records_of_sweep(seeds: int, rules=RULES) -> list[Record]:
