@@ -10,16 +10,17 @@ import pytest
 
 from fedsim import report
 from fedsim.cli import main
-from fedsim.report import (
+from fedsim.report import make_report
+from fedsim.report.data import (
+    NOT_METRICS,
     Record,
     compact_table,
     conflict_points,
-    curve_figure,
-    heatmap_figure,
-    label_of,
-    make_report,
+    fmt_stat,
     swept_axes,
 )
+from fedsim.report.figures import MAX_LINES, conflict_figure, curve_figure, heatmap_figure
+from fedsim.report.labels import label_of
 
 RULES = [
     {"name": "mean"},
@@ -195,7 +196,7 @@ def test_compact_table_cells():
             r.metrics["final_test_accuracy"], r.diverged = None, True
     table = compact_table(kept, "final_test_accuracy", axes[0], axes[1])
     assert table.cells[0][0].reason == "not run" and table.cells[1][0].reason == "diverged"
-    assert report.fmt_stat(table.cells[2][0]) == "0.810 ± 0.008"
+    assert fmt_stat(table.cells[2][0]) == "0.810 ± 0.008"
 
 
 def records_of_sweep(seeds: int, rules=RULES) -> list[Record]:
@@ -203,7 +204,7 @@ def records_of_sweep(seeds: int, rules=RULES) -> list[Record]:
     for (i, rule), (j, attack) in zip_product(rules, ATTACKS):
         for seed in range(seeds):
             h = _history(i, j, seed)
-            metrics = {f"final_{k}": v for k, v in h[-1].items() if k not in report.NOT_METRICS}
+            metrics = {f"final_{k}": v for k, v in h[-1].items() if k not in NOT_METRICS}
             out.append(
                 Record(f"{i}{j}{seed}", {"aggregator": rule, "attack": attack}, seed, metrics, h)
             )
@@ -228,7 +229,7 @@ def test_curve_figure_has_legend_title_labels_and_bands(seeds):
     assert all(ax.get_xlabel() == "round" for ax in axes if ax.get_subplotspec().is_last_row())
     assert axes[0].get_ylabel() == "test accuracy (fraction correct)"
     lines = [line for ax in axes for line in ax.get_lines() if len(line.get_xdata())]
-    assert len(lines) == 12 and max(len(ax.get_lines()) for ax in axes) <= report.MAX_LINES
+    assert len(lines) == 12 and max(len(ax.get_lines()) for ax in axes) <= MAX_LINES
     bands = sum(len(ax.collections) for ax in axes)
     assert bands == (12 if seeds > 1 else 0)
 
@@ -305,7 +306,7 @@ def test_conflict_points_group_by_rule_along_the_knob():
     # grouped by the attack only, along one knob
     only = conflict_points(records, ["aggregator.f"], group_keys=["attack"])
     assert list(only) == ["strategic_distance(1→7, 20%)"]
-    fig = report.conflict_figure(points, "aggregator.beta,aggregator.f")
+    fig = conflict_figure(points, "aggregator.beta,aggregator.f")
     ax = fig.axes[0]
     assert {t.get_text() for t in ax.texts} == {"β=0.1", "β=0.2", "β=0.3", "f=2", "f=10"}
     assert ax.get_xlabel().startswith("final honest weight")
