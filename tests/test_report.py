@@ -226,7 +226,7 @@ def test_curve_figure_has_legend_title_labels_and_bands(seeds):
     title = fig.get_suptitle()
     assert title.startswith("test accuracy over rounds") and f"{seeds} seed" in title
     axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert all(ax.get_xlabel() == "round" for ax in axes if ax.get_subplotspec().is_last_row())
+    assert [ax.get_xlabel() for ax in axes].count("round") == min(3, len(axes))  # per column
     assert axes[0].get_ylabel() == "test accuracy (fraction correct)"
     lines = [line for ax in axes for line in ax.get_lines() if len(line.get_xdata())]
     assert len(lines) == 12 and max(len(ax.get_lines()) for ax in axes) <= MAX_LINES

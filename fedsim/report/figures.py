@@ -135,8 +135,10 @@ def curve_figure(
         ax.set_title(title, fontsize=9)
     for ax in list(grid.flat)[len(panels) :]:
         ax.remove()
-    for ax in grid[-1]:
+    for col in range(ncols):  # the lowest panel of each column carries the round axis
+        ax = grid[(len(panels) - 1 - col) // ncols, col]
         ax.set_xlabel("round")
+        ax.xaxis.set_tick_params(labelbottom=True)
     for ax in grid[:, 0]:
         ax.set_ylabel(_metric_axis_label(metric), fontsize=9)
     legend = dict(title=", ".join(line_keys) or None, fontsize=7, title_fontsize=7)
