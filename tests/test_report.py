@@ -248,7 +248,7 @@ def test_curves_of_many_settings_are_small_multiples():
     assert [len(ax.get_lines()) for ax in fig.axes] == [8, 1]
 
 
-def test_curves_say_why_a_panel_is_empty():
+def test_curves_say_why_a_line_or_panel_is_empty():
     fig = curve_figure(records_of_sweep(1), "attack_success_rate", ["aggregator"], "attack")
     titles = {ax.get_title(): ax for ax in fig.axes}
     assert set(titles) == {
@@ -257,6 +257,13 @@ def test_curves_say_why_a_panel_is_empty():
         "attack = strategic_distance(1→7, 20%)",
     }
     assert [t.get_text() for t in titles["attack = none"].texts] == ["no target"]
+    # panels by rule, lines by attack: the attacks without a target are legend entries
+    fig = curve_figure(records_of_sweep(1), "attack_success_rate", ["attack"], "aggregator")
+    assert _legend_texts(fig) == [
+        "none: no target",
+        "alie(20%): no target",
+        "strategic_distance(1→7, 20%)",
+    ]
     assert len(titles["attack = strategic_distance(1→7, 20%)"].get_lines()) == 4
 
 

@@ -4,6 +4,7 @@ inspect), and ``save_figure`` to write one as a small PNG."""
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,10 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def _colour(i: int):
+    """The i-th line colour (tab10, then tab20 past ten lines)."""
     import matplotlib
 
-    return matplotlib.colormaps["tab10" if i < 10 else "tab20"]((i % 20) / (9 if i < 10 else 19))
+    return matplotlib.colormaps["tab10" if i < 10 else "tab20"].colors[i % 20]
 
 
 def _metric_axis_label(metric: str) -> str:
@@ -66,13 +68,9 @@ def _panel_key(series: list[Series], keys: list[str]) -> str | None:
         return None
 
     def cost(key):
-        counts: dict[str, int] = {}
-        for s in series:
-            counts[s.parts[key]] = counts.get(s.parts[key], 0) + 1
-        return (
-            max(counts.values()) > MAX_LINES,
-            len(counts) if max(counts.values()) <= MAX_LINES else -len(counts),
-        )
+        counts = Counter(s.parts[key] for s in series)
+        fits = max(counts.values()) <= MAX_LINES
+        return (0, len(counts)) if fits else (1, -len(counts))
 
     return min(keys, key=cost)
 
@@ -153,10 +151,14 @@ def curve_figure(
 def _draw_panel(ax, members: list[Series], line_keys, colours, handles, metric) -> None:
     """Lines (and ± std bands) of one panel; series without values become a legend entry
     with the reason, or a note in the middle of an otherwise empty panel."""
+    empty = all(not s.rounds for s in members)
     for s in members:
         label = _line_label(s, line_keys)
         if not s.rounds:
-            ax.plot([], [], ls="none", label=f"{label}: {s.reason}")
+            note = f"{label}: {s.reason}"
+            (mark,) = ax.plot([], [], ls="none", label=note)
+            if not empty:
+                handles.setdefault(note, mark)
             continue
         (line,) = ax.plot(
             s.rounds, s.mean, marker="o", ms=3, lw=1.4, color=colours[label], label=label
@@ -166,7 +168,7 @@ def _draw_panel(ax, members: list[Series], line_keys, colours, handles, metric) 
             lo = [m - d for m, d in zip(s.mean, s.std, strict=True)]
             hi = [m + d for m, d in zip(s.mean, s.std, strict=True)]
             ax.fill_between(s.rounds, lo, hi, color=colours[label], alpha=0.18, lw=0)
-    if all(not s.rounds for s in members):
+    if empty:
         reasons = ", ".join(dict.fromkeys(s.reason for s in members))
         ax.text(0.5, 0.5, reasons, ha="center", va="center", transform=ax.transAxes, color="0.4")
     rng = metric_range(metric)
