@@ -22,6 +22,8 @@ from fedsim.report.data import (
 from fedsim.report.figures import MAX_LINES, conflict_figure, curve_figure, heatmap_figure
 from fedsim.report.labels import label_of
 
+pytestmark = pytest.mark.filterwarnings("error")  # numpy or matplotlib warnings fail a test
+
 RULES = [
     {"name": "mean"},
     {"name": "trimmed_mean", "beta": 0.1},
