@@ -60,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plots and a summary table of sweep folders")
     report.add_argument("dirs", nargs="+", help="sweep folders (several shards merge)")
     report.add_argument("--out", default=None, help="report folder (default DIR/report)")
+    report.add_argument(
+        "--x", default=None, metavar="KEY", help="swept key for heatmap/table columns, curve lines"
+    )
+    report.add_argument(
+        "--y", default=None, metavar="KEY", help="swept key for heatmap/table rows, curve panels"
+    )
+    report.add_argument(
+        "--metric", default=None, metavar="NAME", help="plot only this metric (e.g. test_loss)"
+    )
+    report.add_argument(
+        "--conflict",
+        default=None,
+        metavar="KNOB",
+        help="conflict curve along KNOB (e.g. aggregator.beta,aggregator.f)",
+    )
+    report.add_argument("--quiet", action="store_true", help="no progress line")
     sub.add_parser("list", help="list every registered component")
     return parser
 
@@ -239,7 +255,8 @@ def cmd_report(args) -> int:
     from fedsim.report import make_report
 
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
-    written = make_report(args.dirs, out)
+    options = {k: getattr(args, k) for k in ("x", "y", "metric", "conflict")}
+    written = make_report(args.dirs, out, progress=not args.quiet, **options)
     print(f"report: {len(written)} files -> {out}")
     return 0
 

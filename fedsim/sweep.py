@@ -434,16 +434,19 @@ def _flatten(point: dict) -> dict:
     return out
 
 
-def load_runs(dirs) -> list[dict]:
+def load_runs(dirs, on_run=None) -> list[dict]:
     """Every finished run under the sweep folders ``dirs`` (several folders, or shards
     written into one, merge here; a run found twice is kept once), as dicts with
-    ``run_id``, ``summary`` and ``history``."""
+    ``run_id``, ``summary`` and ``history``. ``on_run()``, if given, is called once per
+    run folder looked at (for a progress bar)."""
     found: dict[str, dict] = {}
     for d in dirs:
         root = Path(d) / "runs"
         if not Path(d).is_dir():
             raise ConfigError(f"sweep folder {str(d)!r} does not exist")
         for run_dir in sorted(root.glob("*")) if root.is_dir() else []:
+            if on_run is not None:
+                on_run()
             if run_dir.name in found or not is_done(run_dir):
                 continue
             from fedsim.io import read_jsonl
