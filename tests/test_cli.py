@@ -61,7 +61,7 @@ def test_list_names_every_registry(capsys):
         (["data.source=web"], "data.source must be 'bundled' or 'tfds'"),
         (["client.participants=5000"], "client.participants must be at most 1000"),
         (["client.local_steps=5"], "exactly one of client.local_epochs and client.local_steps"),
-        (["client.lr=-1"], "client.lr must be a number > 0"),
+        (["client.lr=-1"], "client.lr must be a finite number > 0"),
         (["client.optimizer=lbfgs"], "client.optimizer must be one of sgd, momentum, adam"),
         (["rounds=0"], "rounds must be an integer >= 1"),
         (["eval_every=500"], "eval_every (500) must be at most rounds"),
