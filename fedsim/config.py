@@ -219,8 +219,9 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
         if key not in base and not open_section:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown key {path!r}; valid keys here: {valid}")
-        if isinstance(base.get(key), dict) and not isinstance(value, dict):
-            raise _section_error(path, base[key], value)
+        in_component = any(path.startswith(f"{s}.") for s in OPEN_SECTIONS)
+        if isinstance(base.get(key), dict) and not isinstance(value, dict) and not in_component:
+            raise _section_error(path, base[key], value)  # a component's options are its own
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             if path in OPEN_SECTIONS and "name" in value and value["name"] != base[key].get("name"):
                 # a different component: drop the old one's options, keep the engine's

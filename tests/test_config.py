@@ -118,6 +118,8 @@ def test_valid_neighbours_still_pass():
         ["model.widths=[]"],
         ["client.momentum=0"],
         ["data.partition.alpha=1"],
+        # a component's own options may replace a mapping by a name
+        ["attack={name: strategic_distance, goal: {name: targeted}}", "attack.goal=backdoor"],
     ):
         load_config(None, [*SMALL, *ok])
 
