@@ -6,18 +6,58 @@ Mistakes in the input are one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from fedsim.registry import ConfigError
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")  # summary.json: written last
+PREVIOUS = ".previous"  # where `run --overwrite` keeps the old run until the new one ends
+
+
+class UsageError(Exception):
+    """A command-line mistake found by argparse (printed as one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block: one line naming the problem and where help is."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expects a finite number of GiB > 0 (e.g. 8), got {text!r}"
+        )
+    return value
+
+
+def _at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {text!r}")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedsim", description="Vectorized simulator of collaborative learning under attack"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     run = sub.add_parser("run", help="run one simulation from a YAML config")
     run.add_argument("config", help="YAML config file (see configs/default.yaml)")
     run.add_argument(
@@ -51,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--max-batch",
-        type=int,
+        type=_at_least_1,
         default=None,
         help="at most this many runs per vmapped program (default: as many as fit; 1 on CPU)",
     )
@@ -83,14 +123,14 @@ def _parser() -> argparse.ArgumentParser:
 def _layout_args(p) -> None:
     p.add_argument(
         "--memory-gb",
-        type=float,
+        type=_gib,
         default=None,
         help="device memory budget in GiB (default 80%% of the device's, on CPU "
         "of physical memory)",
     )
     p.add_argument(
         "--devices",
-        type=int,
+        type=_at_least_1,
         default=None,
         help="shard each run's clients over this many devices (default: all)",
     )
@@ -143,16 +183,55 @@ def cmd_list() -> int:
 
 
 def _out_dir(args) -> Path:
+    """The run folder ``--out`` names (default ``runs/<config name>-<timestamp>``), checked:
+    refused when it cannot be a folder, or already holds something and no ``--overwrite``.
+    Writes nothing."""
+    from fedsim.io import check_out_dir
+
     if args.out is not None:
         out = Path(args.out)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{Path(args.config).stem}-{stamp}"
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(
             f"output folder {out} is not empty; choose another --out or add --overwrite"
         )
     return out
+
+
+def _set_aside(out: Path) -> list[str]:
+    """``--overwrite``: take the old run's files out of ``out`` before the new run writes,
+    summary.json first (one rename each), so ``out`` never holds the new config next to
+    the old summary. A finished run goes to ``out/.previous/`` (removed when the new run
+    ends; kept if it is interrupted); what an unfinished run left is deleted, unless a
+    move into ``.previous`` was itself interrupted, whose remaining files it completes.
+    Returns the names moved."""
+    prev = out / PREVIOUS
+    finished = (out / "summary.json").is_file()
+    if finished and prev.exists():
+        shutil.rmtree(prev) if prev.is_dir() else prev.unlink()
+    moved = []
+    for name in RUN_FILES:
+        path = out / name
+        if not path.exists():
+            continue
+        if finished or (prev.is_dir() and not (prev / name).exists()):
+            prev.mkdir(exist_ok=True)
+            os.replace(path, prev / name)
+            moved.append(name)
+        else:
+            path.unlink()
+    return moved
+
+
+def _put_back(out: Path, moved: list[str]) -> None:
+    """Undo ``_set_aside`` after the new run was refused before it started."""
+    for name in reversed(moved):  # summary.json last: the run is whole again only then
+        os.replace(out / PREVIOUS / name, out / name)
+    if moved and not any((out / PREVIOUS).iterdir()):
+        (out / PREVIOUS).rmdir()
 
 
 def _baseline_accuracy(cfg: dict) -> dict:
@@ -170,20 +249,57 @@ def cmd_run(args) -> int:
 
     from fedsim import engine
     from fedsim.config import dump, load_config, to_spec
-    from fedsim.io import append_jsonl, write_atomic, write_json
+    from fedsim.io import write_atomic, write_json
 
     cfg = load_config(args.config, args.set, args.seed)
     spec, hparams = to_spec(cfg)
     out = _out_dir(args)
     _start_distributed(args)
     setup = _layout(engine.prepare(spec), args)  # may refuse (memory) before writing
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    moved = _set_aside(out) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", dump(cfg))
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    try:
+        write_atomic(out / "config.yaml", dump(cfg))
+        summary, history = _simulate(engine, setup, hparams, cfg, metrics_path, args)
+    except ConfigError:
+        # a check only the first trace of the round makes: leave the folder as it was
+        for name in ("config.yaml", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        _put_back(out, moved)
+        for p in created:  # innermost first; only the folders this run made, if empty
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
+    except KeyboardInterrupt:
+        if moved:
+            args.interrupted_note = (
+                f"evaluations so far are in {metrics_path}; the run it overwrote is in "
+                f"{out / PREVIOUS}"
+            )
+        raise
+    summary["device"] = str(jax.devices()[0])
+    write_json(out / "summary.json", summary)
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+    final = history[-1]
+    acc = final["test_accuracy"]
+    note = " (diverged: the aggregate became non-finite)" if summary["diverged"] else ""
+    print(
+        f"round {final['round']}: test accuracy {acc if acc is None else round(acc, 4)}, "
+        f"{final['seconds']:.1f} s{note} -> {out}"
+    )
+    return 0
 
+
+def _simulate(engine, setup, hparams, cfg, metrics_path, args):
+    """Run the simulation, appending each evaluation to ``metrics_path``; returns the
+    summary (without the device) and the history."""
     from tqdm import tqdm
 
+    from fedsim.io import append_jsonl
+
+    spec = setup.spec
     bar = tqdm(total=spec.rounds, unit="round", disable=args.quiet, file=sys.stderr)
     last = {"round": 0, "seconds": 0.0}
 
@@ -210,17 +326,8 @@ def cmd_run(args) -> int:
         "seconds": history[-1]["seconds"],
         "n_params": setup.n_params,
         "seed": cfg["seed"],
-        "device": str(jax.devices()[0]),
     }
-    write_json(out / "summary.json", summary)
-    final = history[-1]
-    acc = final["test_accuracy"]
-    note = " (diverged: the aggregate became non-finite)" if summary["diverged"] else ""
-    print(
-        f"round {final['round']}: test accuracy {acc if acc is None else round(acc, 4)}, "
-        f"{final['seconds']:.1f} s{note} -> {out}"
-    )
-    return 0
+    return summary, history
 
 
 def cmd_sweep(args) -> int:
@@ -228,8 +335,6 @@ def cmd_sweep(args) -> int:
 
     sweep = load_sweep(args.sweep)
     shard = parse_shard(args.shard)
-    if args.max_batch is not None and args.max_batch < 1:
-        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.sweep).stem}"
     _start_distributed(args)
     t0 = time.perf_counter()
@@ -262,7 +367,14 @@ def cmd_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as err:
+        print(f"fedsim: error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "list":
             return cmd_list()
@@ -276,7 +388,7 @@ def main(argv=None) -> int:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        note = {
+        note = getattr(args, "interrupted_note", None) or {
             "run": "evaluations so far are in metrics.jsonl",
             "sweep": "finished runs are recorded; rerun the same command to resume",
         }.get(args.command, "stopped")

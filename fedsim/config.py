@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import yaml
 from flax import struct
 
 from fedsim import aggregators, attacks, models
+from fedsim.aggregators.pre import PRE
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
 from fedsim.data import REGISTRY as DATASETS
@@ -126,6 +131,89 @@ class HParams:
     attack: dict
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write it: ``1e-3`` and ``5e2`` are numbers (YAML 1.1 wants a dot and
+    a signed exponent), and a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (each key may appear once in a mapping)",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text (see ``_Loader``); a mistake is a one-line ``ConfigError``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None)
+        why = f": {' '.join(str(problem).split())}" if problem else ""
+        raise ConfigError(f"{where} is not valid YAML{at}{why}") from None
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """The parsed content of a YAML file; ``what`` names it in errors ("config file")."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {err}") from None
+    return parse_yaml(text, str(path))
+
+
+def read_config_file(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file of config keys: it must exist, be non-empty and hold a mapping."""
+    user = read_yaml_file(path, what)
+    if user is None:
+        raise ConfigError(
+            f"{what} {str(path)!r} is empty; write config keys into it "
+            "(e.g. start from a copy of configs/digits.yaml)"
+        )
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got a {type(user).__name__}")
+    return user
+
+
+def _section_error(path: str, section: dict, value: Any) -> ConfigError:
+    if path in OPEN_SECTIONS:
+        return ConfigError(
+            f"{path} must be a mapping with a 'name' (e.g. {path}: {{name: ...}}), got {value!r}"
+        )
+    first = sorted(section)[0]
+    return ConfigError(
+        f"{path} must be a mapping of its keys ({', '.join(sorted(section))}), e.g. "
+        f"{path}: {{{first}: ...}} or --set {path}.{first}=..., got {value!r}"
+    )
+
+
 def _merge(base: dict, override: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -134,6 +222,9 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
         if key not in base and not open_section:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown key {path!r}; valid keys here: {valid}")
+        in_component = any(path.startswith(f"{s}.") for s in OPEN_SECTIONS)
+        if isinstance(base.get(key), dict) and not isinstance(value, dict) and not in_component:
+            raise _section_error(path, base[key], value)  # a component's options are its own
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             if path in OPEN_SECTIONS and "name" in value and value["name"] != base[key].get("name"):
                 # a different component: drop the old one's options, keep the engine's
@@ -162,28 +253,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text or text.startswith("="):
         raise ConfigError(f"--set expects KEY=VALUE (e.g. client.lr=0.05), got {text!r}")
     key, raw = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    return key.strip(), parse_yaml(raw, f"--set {key.strip()}: the value {raw!r}")
 
 
 def load_config(path: str | Path | None, overrides=(), seed: int | None = None) -> dict:
     """Read a YAML file (or just the defaults), apply overrides, validate, resolve."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path} is not valid YAML{where}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
-        cfg = _merge(cfg, user)
+        cfg = _merge(cfg, read_config_file(path))
     for item in overrides:
         cfg = set_path(cfg, *parse_override(item))
     if seed is not None:
@@ -209,10 +286,10 @@ def _positive(cfg, path, allow_zero=False):
     node = cfg
     for k in path.split("."):
         node = node[k]
-    ok = isinstance(node, int | float) and not isinstance(node, bool)
+    ok = isinstance(node, int | float) and not isinstance(node, bool) and math.isfinite(node)
     if not ok or node < 0 or (node == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{path} must be a number {bound}, got {node!r}")
+        raise ConfigError(f"{path} must be a finite number {bound}, got {node!r}")
     return float(node)
 
 
@@ -231,6 +308,46 @@ def accepted(factory, **fixed) -> dict:
     return {k: v for k, v in fixed.items() if k in params}
 
 
+def _prefixed(where: str, name: str, err: Exception) -> ConfigError:
+    """``err`` as ``"<where> '<name>': <message>"``, without repeating a prefix the
+    component's own message already carries ("attack 'x': ..." or "x: ...")."""
+    text = " ".join(str(err).split())
+    head = f"{where} {name!r}"
+    if text.startswith(head):
+        return ConfigError(text)
+    if text.startswith(f"{name}: "):
+        text = text[len(name) + 2 :]
+    return ConfigError(f"{head}: {text}")
+
+
+def _check_values(factory, kw: dict, where: str) -> None:
+    """Generic checks of component options: numbers must be finite, an option whose
+    default is an integer takes an integer, and ``f`` (clients to tolerate) is >= 0."""
+    params = inspect.signature(factory).parameters
+    for key, value in kw.items():
+        _finite(value, f"{where}.{key}")
+        default = params[key].default if key in params else None
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(default, int) and not isinstance(default, bool) and not is_int:
+            raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+        if key == "f" and (not is_int or value < 0):
+            raise ConfigError(
+                f"{where}.f (the number of clients to tolerate) must be an integer >= 0, "
+                f"got {value!r}"
+            )
+
+
+def _finite(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _finite(v, where)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+
+
 def _check_factory(registry, name: str, kw: dict, where: str, **fixed) -> None:
     """Build the component once with every option so bad options fail now, by name."""
     factory = registry.get(name)
@@ -242,12 +359,149 @@ def _check_factory(registry, name: str, kw: dict, where: str, **fixed) -> None:
         if key not in params and not takes_any:
             valid = ", ".join(known) or "none"
             raise ConfigError(f"unknown option {where}.{key} for {name!r}; valid options: {valid}")
+    _check_values(factory, kw, where)
     try:
         factory(**fixed, **kw)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise _prefixed(where, name, err) from None
+
+
+def _check_model(name: str, kw: dict) -> None:
+    """Model options are sizes: an integer default takes an integer >= 1, a list default
+    a list of integers >= 1."""
+    params = inspect.signature(models.REGISTRY.get(name)).parameters
+    for key, value in kw.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool) or not isinstance(default, int | tuple | list):
+            continue
+        many = isinstance(default, tuple | list)
+        items = value if many and isinstance(value, list | tuple) else [value]
+        if (many and not isinstance(value, list | tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+        ):
+            what = "a list of integers >= 1" if many else "an integer >= 1"
+            raise ConfigError(f"model.{key} must be {what}, got {value!r}")
+
+
+def _check_aggregator(name: str, kw: dict) -> None:
+    """The rule's options, and its pre-aggregation stages (``pre``) with theirs: a stage
+    named by a string takes the top-level options its factory accepts (see
+    ``fedsim.aggregators.pre``)."""
+    if "pre" not in kw:
+        _check_factory(aggregators.REGISTRY, name, kw, "aggregator")
+        return
+    rule = aggregators.REGISTRY.get(name)
+    pre, rest = kw["pre"], {k: v for k, v in kw.items() if k != "pre"}
+    if not isinstance(pre, list):
+        raise ConfigError(
+            "aggregator.pre must be a list of stages, each a name or a mapping with a "
+            f"'name' (e.g. [clip] or [{{name: bucketing, s: 2}}]), got {pre!r}"
+        )
+    takers = [rule]
+    for i, entry in enumerate(pre):
+        where = f"aggregator.pre[{i}]"
+        if isinstance(entry, str):
+            takers.append(PRE.get(entry))
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            opts = {k: v for k, v in entry.items() if k != "name"}
+            _check_factory(PRE, entry["name"], opts, where)
+        else:
+            raise ConfigError(
+                f"{where} must be a stage name or a mapping with a 'name', got {entry!r}; "
+                f"stages: {', '.join(PRE.names())}"
+            )
+    taken = set()
+    for factory in takers:
+        taken |= set(accepted(factory, **rest))
+    unknown = sorted(set(rest) - taken)
+    if unknown:
+        valid = sorted(
+            p
+            for f in takers
+            for p, v in inspect.signature(f).parameters.items()
+            if v.kind is not v.VAR_KEYWORD
+        )
+        raise ConfigError(
+            f"unknown option aggregator.{unknown[0]} for {name!r} with its pre stages; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
+    _check_factory(aggregators.REGISTRY, name, accepted(rule, **rest), "aggregator")
+    for entry, factory in zip([e for e in pre if isinstance(e, str)], takers[1:], strict=True):
+        _check_factory(PRE, entry, accepted(factory, **rest), "aggregator")
+    try:
+        aggregators.make(name, **kw)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise _prefixed("aggregator", name, err) from None
+
+
+def _check_rows(cfg: dict, name: str, kw: dict) -> None:
+    """What a rule checks only when it first sees its ``[participants, d]`` input (Krum's
+    ``n > 2f + 2``, Bulyan's ``n >= 4f + 3``, a behaviour-based rule's judge data, ...),
+    checked now by tracing its aggregate abstractly (``jax.eval_shape``: nothing runs)."""
+    n, n_clients = cfg["client"]["participants"], cfg["data"]["n_clients"]
+    judge = cfg["judge"]["size"] > 0
+    frozen = _freeze(kw)
+    try:
+        _abstract_aggregate(name, frozen, n, n_clients, judge)
     except ConfigError as err:
-        raise ConfigError(f"{where} {name!r}: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where} {name!r}: {err}") from None
+        if not judge:
+            try:
+                _abstract_aggregate(name, frozen, n, n_clients, True)
+            except ConfigError:
+                pass
+            else:
+                raise ConfigError(
+                    f"aggregator {name!r} judges updates on data the server holds: "
+                    "set judge.size > 0 (e.g. judge.size=100)"
+                ) from None
+        rows = "client.participants"
+        if kw.get("pre"):
+            rows = f"the rows its pre stages make of client.participants={n}"
+        raise ConfigError(f"{_prefixed('aggregator', name, err)}; n is {rows}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _abstract_aggregate(name: str, frozen_kw, n: int, n_clients: int, judge: bool) -> None:
+    from fedsim.types import AggContext
+
+    agg = aggregators.make(name, **thaw(frozen_kw))
+    d = 16
+
+    def trace():
+        flat = jnp.zeros((d,), jnp.float32)
+        metric = lambda p, x, y: jnp.mean(p) + jnp.mean(x) + jnp.mean(y)
+        ctx = AggContext(
+            global_params=flat,
+            key=jax.random.PRNGKey(0),
+            hparams={},
+            client_ids=jnp.arange(n),
+            loss_fn=metric,
+            judge_x=jnp.zeros((2, 3), jnp.float32) if judge else None,
+            judge_y=jnp.zeros((2,), jnp.int32) if judge else None,
+            error_fn=metric,
+        )
+        state = agg.init(flat, n_clients)
+        return agg.aggregate(jnp.zeros((n, d), jnp.float32), jnp.ones((n,)), state, ctx)[0]
+
+    try:
+        jax.eval_shape(trace)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - not a check of the config: the real run reports it
+        return
+
+
+def _check_partition(name: str, kw: dict) -> None:
+    factory = PARTITIONS.get(name)
+    params = inspect.signature(factory).parameters
+    for key in kw:
+        if key not in params or key in ("labels", "n_clients", "rng"):
+            valid = ", ".join(p for p in params if p not in ("labels", "n_clients", "rng"))
+            raise ConfigError(
+                f"unknown option data.partition.{key} for {name!r}; "
+                f"valid options: {valid or 'none'}"
+            )
+    _check_values(factory, kw, "data.partition")
 
 
 def validate(cfg: dict) -> None:
@@ -265,17 +519,10 @@ def validate(cfg: dict) -> None:
     n_clients = _int(cfg, "data.n_clients")
     _int(cfg, "data.partition_seed", low=0)
     part_name, part_kw = _component_kw(data["partition"], "data.partition")
-    PARTITIONS.get(part_name)
-    params = inspect.signature(PARTITIONS.get(part_name)).parameters
-    for key in part_kw:
-        if key not in params or key in ("labels", "n_clients", "rng"):
-            valid = ", ".join(p for p in params if p not in ("labels", "n_clients", "rng"))
-            raise ConfigError(
-                f"unknown option data.partition.{key} for {part_name!r}; "
-                f"valid options: {valid or 'none'}"
-            )
+    _check_partition(part_name, part_kw)
     model_name, model_kw = _component_kw(cfg["model"], "model")
     _check_factory(models.REGISTRY, model_name, model_kw, "model", n_classes=10)
+    _check_model(model_name, model_kw)
     client = cfg["client"]
     _int(cfg, "client.participants", high=n_clients)
     epochs = _int(cfg, "client.local_epochs", optional=True)
@@ -293,10 +540,11 @@ def validate(cfg: dict) -> None:
         _positive(cfg, f"{side}.momentum", allow_zero=True)
     del client
     agg_name, agg_kw = _component_kw(cfg["aggregator"], "aggregator")
-    _check_factory(aggregators.REGISTRY, agg_name, agg_kw, "aggregator")
+    _check_aggregator(agg_name, agg_kw)
     att_name, att_kw = _component_kw(cfg["attack"], "attack")
     fraction = att_kw.pop("fraction", 0.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+    number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+    if not number or not 0 <= fraction < 1:
         raise ConfigError(f"attack.fraction must be a number in [0, 1), got {fraction!r}")
     from fedsim.types import AttackSetup
 
@@ -321,6 +569,7 @@ def validate(cfg: dict) -> None:
             "proxy.source: judge uses the judge's own samples; leave proxy.size and "
             "proxy.classes null"
         )
+    _check_rows(cfg, agg_name, agg_kw)  # after judge.size is known to be valid
     baseline = cfg["baseline"]
     if baseline is not None and not (Path(str(baseline)) / "metrics.jsonl").is_file():
         raise ConfigError(
@@ -335,6 +584,33 @@ def _split_traced(registry, name: str, kw: dict) -> tuple[dict, dict]:
     return static, dynamic
 
 
+def _split_aggregator(name: str, kw: dict) -> tuple[dict, dict]:
+    """As ``_split_traced``, with the traced options of pre-aggregation stages too: a
+    string stage's come from the top level, a mapping stage's from its mapping. They all
+    meet in one ``ctx.hparams``, so a name read by several components that may hold
+    different values (the rule or string stages, and a mapping stage) stays static."""
+    pre = kw.get("pre") or []
+    readers: dict[str, set] = {}
+    for k in aggregators.REGISTRY.meta(name).get("traced", ()):
+        readers.setdefault(k, set()).add("top")
+    for i, entry in enumerate(pre):
+        stage = entry if isinstance(entry, str) else entry["name"]
+        for k in PRE.meta(stage).get("traced", ()):
+            readers.setdefault(k, set()).add("top" if isinstance(entry, str) else i)
+    static = {k: v for k, v in kw.items() if k != "pre"}
+    stages = [e if isinstance(e, str) else dict(e) for e in pre]
+    dynamic = {}
+    for k, who in readers.items():
+        if len(who) == 1:
+            (src,) = who
+            holder = static if src == "top" else stages[src]
+            if k in holder:
+                dynamic[k] = float(holder.pop(k))
+    if "pre" in kw:
+        static["pre"] = stages
+    return static, dynamic
+
+
 def to_spec(cfg: dict) -> tuple[Spec, HParams]:
     """Split a validated config into its static ``Spec`` and traced ``HParams``."""
     data, client = cfg["data"], cfg["client"]
@@ -343,7 +619,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
     agg_name, agg_kw = _component_kw(cfg["aggregator"], "aggregator")
     att_name, att_kw = _component_kw(cfg["attack"], "attack")
     fraction = float(att_kw.pop("fraction", 0.0))
-    agg_static, agg_traced = _split_traced(aggregators.REGISTRY, agg_name, agg_kw)
+    agg_static, agg_traced = _split_aggregator(agg_name, agg_kw)
     att_static, att_traced = _split_traced(attacks.REGISTRY, att_name, att_kw)
     classes = cfg["judge"]["classes"]
     proxy_classes = cfg["proxy"]["classes"]

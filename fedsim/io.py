@@ -7,6 +7,28 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedsim.registry import ConfigError
+
+
+def check_out_dir(path: str | Path, what: str = "output folder") -> None:
+    """Refuse (``ConfigError``) an output folder that cannot be one: ``path`` or the
+    nearest existing folder above it is a file, or is not writable. Writes nothing."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            where = "" if p == path else f" (inside {p})"
+            raise ConfigError(
+                f"{what} {str(path)!r} cannot be created{where}: {str(p)!r} is a file; "
+                "choose a folder path for --out"
+            )
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{what} {str(path)!r}: {str(p)!r} is not writable; choose another --out"
+            )
+        return
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""

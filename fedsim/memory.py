@@ -57,8 +57,8 @@ def device_memory_bytes() -> int:
 def budget_bytes(memory_gb: float | None = None) -> int:
     """``memory_gb`` GiB if given, else DEFAULT_FRACTION of the device memory."""
     if memory_gb is not None:
-        if not memory_gb > 0:
-            raise ConfigError(f"--memory-gb must be > 0, got {memory_gb}")
+        if not (math.isfinite(memory_gb) and memory_gb > 0):
+            raise ConfigError(f"--memory-gb must be a finite number of GiB > 0, got {memory_gb}")
         return int(memory_gb * GB)
     return int(DEFAULT_FRACTION * device_memory_bytes())
 
@@ -181,9 +181,18 @@ def plan(setup, n_runs: int, budget: int, n_devices: int = 1, max_batch: int | N
     hint = f"client.participants={lo}" if lo else "none (the data alone does not fit)"
     raise ConfigError(
         f"{setup.spec.participants} participants x {fp.d} parameters needs an estimated "
-        f"{need / GB:.2f} GB even with 1 run and 1 client trained at a time, but the memory "
-        f"budget is {budget / GB:.2f} GB (--memory-gb); largest that fits: {hint}"
+        f"{_size(need)} even with 1 run and 1 client trained at a time, but the memory "
+        f"budget is {_size(budget)} (--memory-gb); largest that fits: {hint}"
     )
+
+
+def _size(n_bytes: int) -> str:
+    """Bytes as GB (2 decimals) from 1 GiB up, else MB or kB, so small figures differ."""
+    if n_bytes >= GB:
+        return f"{n_bytes / GB:.2f} GB"
+    if n_bytes >= 1024**2:
+        return f"{n_bytes / 1024**2:.1f} MB"
+    return f"{n_bytes / 1024:.1f} kB"
 
 
 def lay_out(

@@ -42,8 +42,17 @@ from typing import Any
 
 import yaml
 
-from fedsim.config import DEFAULTS, _merge, dump, set_path, to_spec, validate
-from fedsim.io import write_atomic, write_json
+from fedsim.config import (
+    DEFAULTS,
+    _merge,
+    dump,
+    read_config_file,
+    read_yaml_file,
+    set_path,
+    to_spec,
+    validate,
+)
+from fedsim.io import check_out_dir, write_atomic, write_json
 from fedsim.registry import ConfigError
 
 SWEEP_KEYS = ("base", "grid", "zip", "seeds")
@@ -72,20 +81,12 @@ def run_id(cfg: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _read_yaml(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}") from None
-
-
 def _base_config(base: Any, sweep_path: Path | None) -> dict:
     if base is None:
-        return {}
+        raise ConfigError(
+            "the sweep has no 'base'; add base: <config file or mapping> "
+            "(e.g. base: configs/digits.yaml)"
+        )
     if isinstance(base, dict):
         return base
     if isinstance(base, str):
@@ -93,11 +94,8 @@ def _base_config(base: Any, sweep_path: Path | None) -> dict:
         if sweep_path is not None and not Path(base).is_absolute():
             candidates.append(sweep_path.parent / base)
         for cand in candidates:
-            if cand.is_file():
-                user = _read_yaml(cand, "base config") or {}
-                if not isinstance(user, dict):
-                    raise ConfigError(f"base config {cand} must hold a mapping of config keys")
-                return user
+            if cand.exists():
+                return read_config_file(cand, "base config")
         raise ConfigError(f"base config {base!r} does not exist")
     raise ConfigError(f"sweep 'base' must be a config path or a mapping, got {type(base).__name__}")
 
@@ -198,7 +196,13 @@ def expand(doc: Any, sweep_path: Path | None = None) -> Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep file."""
     path = Path(path)
-    return expand(_read_yaml(path, "sweep file"), path)
+    doc = read_yaml_file(path, "sweep file")
+    if doc is None:
+        raise ConfigError(
+            f"sweep file {str(path)!r} is empty; write base, grid, zip and seeds into it "
+            "(e.g. start from a copy of configs/sweeps/digits.yaml)"
+        )
+    return expand(doc, path)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -340,6 +344,16 @@ def group_runs(runs: list[RunPoint]) -> list[tuple[Any, list[RunPoint], list]]:
     return list(groups.values())
 
 
+def check_layout(setup, n_runs: int, budget: int, devices: int | None, max_batch: int | None):
+    """Refuse (``ConfigError``) what ``memory.lay_out`` would refuse, without laying the
+    data out over the devices: too few devices, or a run that does not fit the budget."""
+    from fedsim import engine, memory
+
+    mesh = None if devices == 1 else engine.client_mesh(devices, setup.spec.participants)
+    n_dev = 1 if mesh is None else mesh.devices.size
+    return memory.plan(setup, n_runs, budget, n_devices=n_dev, max_batch=max_batch)
+
+
 def run_sweep(
     sweep: Sweep,
     out: str | Path,
@@ -357,11 +371,10 @@ def run_sweep(
     from fedsim import engine, memory
 
     out = Path(out)
+    check_out_dir(out, "sweep folder")
     mine = [r for r in sweep.runs if in_shard(r.run_id, shard)]
     todo = [r for r in mine if not is_done(out / "runs" / r.run_id)]
     leader = jax.process_index() == 0
-    if leader:
-        write_atomic(out / "sweep.yaml", yaml.safe_dump(sweep.resolved, sort_keys=False))
     groups = group_runs(todo)
     budget = memory.budget_bytes(memory_gb)
     if max_batch is None and jax.devices()[0].platform == "cpu":
@@ -370,6 +383,16 @@ def run_sweep(
         # per run-round at 1 / 2 / 4 / 8 runs per program. One compiled program then runs
         # the group's runs one after another (`--max-batch` overrides).
         max_batch = CPU_MAX_BATCH
+    if mesh_devices not in (None, 1):
+        engine.client_mesh(mesh_devices)  # refuses more devices than exist
+    for spec, runs, _ in groups:  # every group's data, devices and memory, before any write
+        try:
+            check_layout(engine.prepare(spec), len(runs), budget, mesh_devices, max_batch)
+        except ConfigError as err:
+            point = ", ".join(f"{k}={v}" for k, v in runs[0].point.items() if k != "seed")
+            raise ConfigError(f"sweep point {point or 'base'}: {err}") from None
+    if leader:
+        write_atomic(out / "sweep.yaml", yaml.safe_dump(sweep.resolved, sort_keys=False))
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(todo),

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -61,7 +62,7 @@ def test_list_names_every_registry(capsys):
         (["data.source=web"], "data.source must be 'bundled' or 'tfds'"),
         (["client.participants=5000"], "client.participants must be at most 1000"),
         (["client.local_steps=5"], "exactly one of client.local_epochs and client.local_steps"),
-        (["client.lr=-1"], "client.lr must be a number > 0"),
+        (["client.lr=-1"], "client.lr must be a finite number > 0"),
         (["client.optimizer=lbfgs"], "client.optimizer must be one of sgd, momentum, adam"),
         (["rounds=0"], "rounds must be an integer >= 1"),
         (["eval_every=500"], "eval_every (500) must be at most rounds"),
@@ -158,3 +159,154 @@ def test_baseline_gives_accuracy_drop_and_proxy_is_configurable(tmp_path):
     assert hit[-1]["malicious_distance"] > hit[-1]["honest_distance"]  # sign flip sticks out
     with pytest.raises(ConfigError, match="finished run folder"):
         load_config(DIGITS, [f"baseline={tmp_path / 'nothing'}"])
+
+
+# ---------------------------------------------------------------------------- bad input
+# Each case: argv (with {digits} = the digits config, {dir} = the test's folder, which is
+# also the CWD), files to write first, and a phrase the one-line message must contain.
+ROOT = Path(__file__).resolve().parents[1]
+KRUM = "aggregator={name: krum, f: 4}"  # 10 participants: needs n > 2f + 2 = 10
+SWEEP = "base: {digits}\ngrid: {client.lr: [0.1]}\n"
+BAD_INPUTS = [
+    # used to be tracebacks
+    (["run", "{digits}", "--set", "client=5"], {}, "client must be a mapping of its keys"),
+    (["run", "{digits}", "--set", "data=3"], {}, "data must be a mapping of its keys"),
+    (["run", "c.yaml"], {"c.yaml": "client: 5\n"}, "client must be a mapping of its keys"),
+    (["run", "{digits}", "--set", "model.widths=[-5]"], {}, "model.widths must be a list"),
+    (["run", "{digits}", "--out", "f.txt"], {"f.txt": "x"}, "'f.txt' is a file"),
+    (["sweep", "s.yaml", "--out", "f.txt"], {"f.txt": "x", "s.yaml": SWEEP}, "'f.txt' is a file"),
+    (["run", "{digits}", "--memory-gb", "inf"], {}, "--memory-gb: expects a finite number"),
+    (["run", "{digits}", "--memory-gb", "nan"], {}, "--memory-gb: expects a finite number"),
+    (["run", "{digits}", "--memory-gb", "0"], {}, "--memory-gb: expects a finite number"),
+    (["run", "{digits}", "--devices", "0"], {}, "--devices: expects an integer >= 1"),
+    (["run", "{digits}", "--devices", "-2"], {}, "--devices: expects an integer >= 1"),
+    (["sweep", "s.yaml", "--devices", "0"], {"s.yaml": SWEEP}, "--devices: expects an integer"),
+    # used to leave runs/<name>-*/config.yaml or sweep.yaml behind
+    (["run", "{digits}", "--set", KRUM], {}, "aggregator 'krum': needs n > 2f + 2"),
+    (["run", "{digits}", "--set", "aggregator={name: bulyan, f: 2}"], {}, "needs n >= 4f + 3"),
+    (["run", "{digits}", "--set", "aggregator.name=fltrust"], {}, "set judge.size > 0"),
+    (["run", "{digits}", "--set", "data.partition.alpha=0"], {}, "alpha must be > 0"),
+    (["run", "{digits}", "--devices", "4096"], {}, "asked for 4096 devices"),
+    (
+        ["sweep", "s.yaml"],
+        {"s.yaml": SWEEP.replace("client.lr: [0.1]", "data.partition.alpha: [1.0, 0]")},
+        "sweep point data.partition.alpha=0: partition.alpha must be > 0",
+    ),
+    (
+        ["sweep", "s.yaml"],
+        {"s.yaml": SWEEP.replace("client.lr: [0.1]", "aggregator: [{name: krum, f: 4}]")},
+        "needs n > 2f + 2",
+    ),
+    (["sweep", "s.yaml", "--devices", "4096"], {"s.yaml": SWEEP}, "asked for 4096 devices"),
+    # accepted nonsense
+    (["run", "{digits}", "--set", "client.lr=.nan"], {}, "client.lr must be a finite number"),
+    (["run", "{digits}", "--set", "server.lr=.inf"], {}, "server.lr must be a finite number"),
+    (["run", "c.yaml"], {"c.yaml": "client:\n  lr: .nan\n"}, "client.lr must be a finite"),
+    (["run", "{digits}", "--set", "aggregator={name: krum, f: -1}"], {}, "integer >= 0"),
+    (["run", "c.yaml"], {"c.yaml": "rounds: 3\nrounds: 4\n"}, "line 2: duplicate key 'rounds'"),
+    (["run", "c.yaml"], {"c.yaml": ""}, "config file 'c.yaml' is empty"),
+    (["sweep", "s.yaml"], {"s.yaml": "grid: {client.lr: [0.1]}\n"}, "add base: <config file"),
+    (["sweep", "s.yaml"], {"s.yaml": ""}, "sweep file 's.yaml' is empty"),
+    # argument-parser errors: one line and where help is
+    (["run", "{digits}", "--bogus"], {}, "unrecognized arguments: --bogus (see 'fedsim run"),
+    (["run"], {}, "required: config (see 'fedsim run --help')"),
+    (["sweep", "s.yaml", "--max-batch", "0"], {"s.yaml": SWEEP}, "--max-batch: expects"),
+    ([], {}, "(see 'fedsim --help')"),
+    # messages: no repeated prefix, a directory is a directory, sizes with enough digits
+    (
+        ["run", "{digits}", "--set", "attack={name: targeted, source: -1}"],
+        {},
+        "attack 'targeted': option 'source'",
+    ),
+    (
+        ["run", "{digits}", "--set", "aggregator={name: trimmed_mean, beta: 0.7}"],
+        {},
+        "aggregator 'trimmed_mean': beta must be",
+    ),
+    (["run", "{dir}"], {}, "is a directory, not a YAML file"),
+    (["run", "{digits}", "--memory-gb", "0.0001"], {}, "MB even with 1 run"),
+]
+
+
+def _listing(root: Path) -> dict:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("argv, files, message", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    argv, files, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text.replace("{digits}", str(ROOT / DIGITS)))
+    fill = {"{digits}": str(ROOT / DIGITS), "{dir}": str(tmp_path)}
+    argv = [fill.get(a, a) for a in argv]
+    before = _listing(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedsim: error: "), err
+    assert message in lines[0] and "Traceback" not in err
+    body = lines[0].removeprefix("fedsim: error: ")
+    assert body.count(body.split(":")[0]) == 1, body  # "<prefix>: ..." names it once
+    assert _listing(tmp_path) == before  # no file created or changed, no runs/ folder
+
+
+def test_a_former_traceback_is_one_line_from_a_real_process(tmp_path):
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", DIGITS, "--set", "model.widths=[-5]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        == "fedsim: error: model.widths must be a list of integers >= 1, got [-5]"
+    )
+
+
+def _fake_run(interrupt_after=None, refuse=False):
+    """A stand-in for engine.run: one evaluation record per chunk, no simulation."""
+
+    def run(setup, hparams, seed, on_eval=None):
+        if refuse:
+            raise ConfigError("refused at the first trace")
+        history = []
+        for i, rnd in enumerate(range(2, setup.spec.rounds + 1, 2)):
+            if interrupt_after is not None and i == interrupt_after:
+                raise KeyboardInterrupt
+            record = {"round": rnd, "test_accuracy": 0.5, "finite": True, "seconds": 0.1}
+            history.append(record)
+            on_eval(record)
+        return history
+
+    return run
+
+
+def test_overwrite_sets_the_old_run_aside_until_the_new_one_ends(tmp_path, monkeypatch, capsys):
+    from fedsim import engine
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"config.yaml": "old: 1\n", "metrics.jsonl": '{"round": 9}\n', "summary.json": "{}"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    args = ["run", DIGITS, "--out", str(out), "--overwrite", *FAST]
+    # refused when the round is first traced: the folder is left exactly as it was
+    monkeypatch.setattr(engine, "run", _fake_run(refuse=True))
+    assert main(args) == 2
+    assert _listing(out) == {k: v.encode() for k, v in old.items()}
+    # interrupted after one evaluation: no summary next to the new config
+    monkeypatch.setattr(engine, "run", _fake_run(interrupt_after=1))
+    assert main(args) == 130
+    assert ".previous" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert {p.name: p.read_text() for p in (out / ".previous").iterdir()} == old
+    # the retry finishes: the new run alone, nothing set aside
+    monkeypatch.setattr(engine, "run", _fake_run())
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["final"]["round"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -69,7 +69,7 @@ def test_refuses_in_one_line_with_the_largest_setting_that_fits(setup):
         memory.plan(setup, 1, budget)
     msg = str(err.value)
     assert "\n" not in msg and "largest that fits: client.participants=7" in msg
-    assert f"budget is {budget / memory.GB:.2f} GB" in msg
+    assert f"budget is {memory._size(budget)} (--memory-gb)" in msg
 
 
 def test_cli_memory_errors_exit_2(tmp_path, capsys):
