@@ -151,6 +151,14 @@ def test_clean_model_catches_most_of_the_goal_group(heart):
     assert 0.8 <= caught.mean() <= 0.92  # about 86%
 
 
+def test_goal_metrics(heart):
+    perfect = tab.goal_metrics(heart.y_test, heart)
+    assert perfect == {"goal_success_rate": 0.0, "accuracy_rest": 1.0}
+    healthy = tab.goal_metrics(np.zeros_like(heart.y_test), heart)
+    assert healthy["goal_success_rate"] == 1.0
+    assert np.isclose(healthy["accuracy_rest"], 1 - heart.y_test[~heart.goal_test].mean())
+
+
 def test_collaboration_gain_compares_each_hospital_with_its_local_model(heart):
     parts = partition_groups("hospital", heart.groups_train, 4, seed=0)
     fed = baselines.fedavg_logistic(heart.x_train, heart.y_train, parts, rounds=20)

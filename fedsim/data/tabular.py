@@ -71,6 +71,20 @@ class TabularData(NamedTuple):
         return self.n_classes == 0
 
 
+def goal_metrics(pred: np.ndarray, data: TabularData) -> dict[str, float]:
+    """For a classifier's test predictions ``pred`` (class ids): the attack goal's success
+    rate (share of the goal's test samples predicted ``goal_target``: on ``heart``, missed
+    diagnoses among diseased patients with blood pressure >= 140) and the accuracy on
+    every other test sample."""
+    pred = np.asarray(pred).reshape(-1)
+    goal, rest = data.goal_test, ~data.goal_test
+    nan = float("nan")
+    return {
+        "goal_success_rate": float(np.mean(pred[goal] == data.goal_target)) if goal.any() else nan,
+        "accuracy_rest": float(np.mean(pred[rest] == data.y_test[rest])) if rest.any() else nan,
+    }
+
+
 def load_tabular(name: str, **options: Any) -> TabularData:
     """Load the registered float-feature dataset ``name`` (options: the loader's kwargs)."""
     fn = TABULAR.get(name)
