@@ -149,7 +149,6 @@ class Car:
     vehicle: Any
     lane: int
     seg: int
-    noise: float = 0.0
     alive: bool = True
     pilot: Any = field(default=None, repr=False)
 
