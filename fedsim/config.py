@@ -549,7 +549,11 @@ def validate(cfg: dict) -> None:
     from fedsim.types import AttackSetup
 
     _check_factory(
-        attacks.REGISTRY, att_name, att_kw, "attack", setup=AttackSetup(agg_name, _freeze(agg_kw))
+        attacks.REGISTRY,
+        att_name,
+        att_kw,
+        "attack",
+        setup=AttackSetup(agg_name, tuple(sorted(agg_kw.items()))),
     )
     _int(cfg, "judge.size", low=0)
     _int(cfg, "proxy.size", low=0, optional=True)

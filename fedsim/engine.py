@@ -239,7 +239,7 @@ def components(setup: Setup):
     agg = aggregators.make(spec.aggregator, **thaw(spec.aggregator_kw))
     attack_setup = AttackSetup(
         rule=spec.aggregator,
-        rule_kw=spec.aggregator_kw,
+        rule_kw=tuple(sorted(thaw(spec.aggregator_kw).items())),
         n_classes=setup.n_classes,
         input_shape=setup.input_shape,
     )
@@ -302,9 +302,10 @@ def make_round(setup: Setup):
         )
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec_of(x)), tree)
 
-    def flat_loss(flat, x, y):
+    def flat_loss(flat, x, y, mask=None):
         logits = apply_fn({"params": unravel(flat)}, x)
-        return cross_entropy(logits, y, jnp.ones(y.shape[0], jnp.float32))
+        mask = jnp.ones(y.shape[0], jnp.float32) if mask is None else mask.astype(jnp.float32)
+        return cross_entropy(logits, y, mask)
 
     def flat_error(flat, x, y):
         logits = apply_fn({"params": unravel(flat)}, x)
@@ -347,6 +348,10 @@ def make_round(setup: Setup):
             benign = None
             if attack.needs_benign:
                 benign = train_all(train_clean)
+            goal = {}
+            if attack.goal_batch:
+                k_attack, k_goal = jax.random.split(k_attack)
+                goal = goal_samples(k_goal, data, clients, count, is_mal, attack, hparams.attack)
             actx = AttackContext(
                 global_params=global_flat,
                 key=k_attack,
@@ -357,6 +362,9 @@ def make_round(setup: Setup):
                 loss_fn=flat_loss,
                 proxy_x=data.proxy_x if has_proxy else None,
                 proxy_y=data.proxy_y if has_proxy else None,
+                error_fn=flat_error,
+                rule_hparams=hparams.agg,
+                **goal,
             )
             updates = attack.craft(updates, is_mal, actx)
         ctx = AggContext(
@@ -399,6 +407,25 @@ def make_round(setup: Setup):
         return new_state, metrics
 
     return round_step
+
+
+def goal_samples(key, data: Data, clients, count, is_mal, attack, attack_hp) -> dict:
+    """``attack.goal_batch`` samples of the present malicious clients' own data, passed
+    through the goal's poison as their local training is (the goal's own
+    ``poison_fraction``): ``{"goal_x", "goal_y", "goal_mask"}``, the mask marking the rows
+    the poison changed. A client is drawn in proportion to its sample count, then one of
+    its samples uniformly; with no malicious client present the rows are unused."""
+    k_client, k_pos, k_poison = jax.random.split(key, 3)
+    size = attack.goal_batch
+    share = jnp.where(is_mal, count, 0).astype(jnp.float32)
+    share = jnp.where(jnp.sum(share) > 0, share, 1.0)
+    who = jax.random.categorical(k_client, jnp.log(share), shape=(size,))
+    pos = jnp.floor(jax.random.uniform(k_pos, (size,)) * count[who]).astype(jnp.int32)
+    rows = data.idx[clients[who], jnp.minimum(pos, count[who] - 1)]
+    x, y = models.to_float(data.x[rows]), data.y[rows]
+    px, py = attack.poison(x, y, k_poison, attack_hp)
+    changed = (py != y) | jnp.any((px != x).reshape(size, -1), axis=1)
+    return {"goal_x": px, "goal_y": py, "goal_mask": changed}
 
 
 def _distances_to(reference, updates, present, is_mal) -> dict:

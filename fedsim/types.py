@@ -21,7 +21,8 @@ import jax
 
 Array = jax.Array
 AggState = Any  # a pytree, whatever a rule needs to carry between rounds
-LossFn = Callable[[Array, Array, Array], Array]  # (flat_params [d], x [b,...], y [b]) -> scalar
+# (flat_params [d], x [b, ...], y [b], mask [b] or None) -> mean loss over the masked rows
+LossFn = Callable[..., Array]
 
 
 class AggInfo(NamedTuple):
@@ -88,7 +89,13 @@ class AttackContext(NamedTuple):
         knowledge; the aggregator's own state (e.g. FoolsGold's per-client histories) is
         never passed to an attack.
     loss_fn, proxy_x, proxy_y: the adversary's proxy of the judge's data, for
-        behaviour-aware attacks.
+        behaviour-aware attacks; error_fn: ``(flat_params, x, y) -> error rate``.
+    goal_x, goal_y, goal_mask: ``[G, ...]``, ``[G]``, bool ``[G]``: samples drawn from the
+        present malicious clients' own data with the goal's poison applied to all of them;
+        ``goal_mask`` marks the rows the goal changed (e.g. the source class relabelled,
+        or stamped with the trigger). Only for attacks with ``goal_batch > 0``.
+    rule_hparams: the traced options of the rule (its configuration, public to whoever
+        knows the rule), e.g. ``{"beta": ...}`` for the trimmed mean.
     """
 
     global_params: Array
@@ -100,13 +107,19 @@ class AttackContext(NamedTuple):
     loss_fn: LossFn | None = None
     proxy_x: Array | None = None
     proxy_y: Array | None = None
+    error_fn: LossFn | None = None
+    goal_x: Array | None = None
+    goal_y: Array | None = None
+    goal_mask: Array | None = None
+    rule_hparams: dict | None = None
 
 
 class AttackSetup(NamedTuple):
     """Static facts the engine hands every attack factory (as ``setup=``).
 
-    rule: the aggregator's registered name; rule_kw: its options as a sorted tuple of
-    (key, value) pairs (an attack that "knows the rule" reads them, e.g. Krum's f).
+    rule: the aggregator's registered name; rule_kw: its options as written in the config
+    (lists and mappings, not frozen), a sorted tuple of (key, value) pairs; an attack that
+    "knows the rule" reads them (Krum's f); traced ones arrive in ``ctx.rule_hparams``.
     n_classes: number of classes (0 for regression); input_shape: one example's shape.
     """
 
@@ -131,9 +144,11 @@ class Attack(NamedTuple):
     success(predict, x [t, ...], y [t]) -> scalar in [0, 1]: the attack success rate on
         the test set, ``predict(x) -> logits [t, c]`` (targeted, backdoor, ...); ``None``
         for untargeted attacks (their effect is the accuracy drop).
+    goal_batch: how many goal samples ``craft`` needs in ``ctx.goal_x`` (0: none).
     """
 
     poison: Callable | None = None
     craft: Callable | None = None
     needs_benign: bool = False
     success: Callable | None = None
+    goal_batch: int = 0

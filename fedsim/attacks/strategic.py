@@ -1,16 +1,35 @@
 """Strategic adversaries (our reading of Raynal & Troncoso, arXiv 2402.13700; PAPER.md).
 
-A strategic adversary pursues a targeted ``goal`` (``label_flip`` | ``targeted`` |
-``backdoor``, a name or ``{name: ..., **options}``; default ``backdoor``): malicious
-clients train on the goal's poisoned data, so the malicious rows reaching ``craft`` are
-adversarial updates, and ``craft`` moves them into what the rule accepts.
+A strategic adversary is an optimiser, not a filter: of every update the rule would
+accept this round, it sends the one that makes the most progress on its targeted
+``goal`` (``label_flip`` | ``targeted`` | ``backdoor``, a name or
+``{name: ..., **options}``; default ``backdoor``). Each round it
 
-Both attacks take ``knowledge`` (omniscient: statistics of the present honest rows;
-partial: of the attackers' own benign updates, which the engine then computes since
-``needs_benign`` is set), ``knows_rule`` (use ``setup.rule`` to pick the reference and the
-geometry; otherwise assume the mean) and ``collude`` (default True: every malicious row
-sends one update built from the mean of their adversarial updates; False: each row
-transforms its own).
+1. finds the goal's own direction ``g`` (``direction``):
+   - ``difference`` (default): the mean over its present clients of (goal-trained update
+     minus the same client's clean-trained update): what local training on the goal adds,
+     without the ordinary learning both updates share;
+   - ``gradient``: ``-∇ L_goal(global)``, the loss on the goal samples of its own
+     clients' data (``ctx.goal_x``: only the rows the goal changes, e.g. the source class
+     relabelled, or triggered inputs); one gradient misses what several local steps
+     learn (a trigger's feature), so it is the weaker choice on MNIST;
+   - ``trained``: its mean goal-trained update minus the pool mean (the earlier,
+     weaker choice: that update is mostly ordinary learning);
+2. places the crafted update at the point of the rule's acceptance region farthest along
+   ``g`` (``fedsim.attacks.regions``): on a ball's boundary, at a box's corner, or at the
+   largest step the rule still accepts;
+3. optionally refines it by ``steps`` (static) projected gradient steps on the goal loss
+   at ``global + update`` (``step_size``, traced, relative to the region's size), each
+   projected back onto a ball or box region.
+
+Colluding rows (``collude``, default True) send one identical update; otherwise each row
+is placed along its own goal-trained update (minus its benign update, or the pool mean).
+The adversary keeps no state across rounds: it re-estimates the goal direction every
+round, so its small accepted steps add up as long as the goal keeps pointing the same way.
+
+Both attacks take ``knowledge`` (omniscient: the present honest rows; partial: only its
+own clients' benign updates, which the engine then also computes) and ``knows_rule``
+(the region of ``setup.rule``; otherwise the honest-spread ball around the mean).
 """
 
 from __future__ import annotations
@@ -18,252 +37,267 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import row_sq_norms
+from fedsim.aggregators._ops import dot, row_sq_norms
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
-    COSINE_RULES,
-    KRUM_RULES,
-    MEDIAN_RULES,
     MODEL_POISONING_OPTS,
-    PREVIOUS_AGGREGATE_RULES,
     Opt,
     anything,
     boolean,
     choice,
     count,
-    dot,
     emit,
     integer,
-    krum_acceptor,
-    krum_options,
     largest_accepted,
     masked_mean,
-    masked_median,
     number,
     parse,
     pool,
     present,
-    project_cosine,
-    project_l2,
-    spread,
 )
 from fedsim.attacks.data import make_goal
+from fedsim.attacks.regions import (
+    SIMULATED_RULES,
+    Region,
+    extreme,
+    project,
+    rule_region,
+    unit,
+)
 from fedsim.registry import ConfigError
 from fedsim.types import Attack
 
-REFERENCES = ("auto", "mean", "median", "previous", "root")
+DIRECTIONS = ("gradient", "difference", "trained")
 
 
-def _base_opts(collude=True):
+def _base_opts():
     return {
         **MODEL_POISONING_OPTS,
-        "collude": Opt(collude, boolean),
+        "collude": Opt(True, boolean),
         "goal": Opt("backdoor", anything),
+        "direction": Opt("difference", choice(*DIRECTIONS)),
+        "steps": Opt(0, integer(0)),
+        "step_size": Opt(0.25, number(0.0)),
+        "goal_batch": Opt(256, integer(1)),
     }
 
 
-def pick_geometry(rule: str, knows_rule: bool, reference: str, constraint: str):
-    """(reference, constraint) for ``rule``: the point the rule measures from and l2|cosine.
-
-    ``median`` for coordinate-wise rules (median, trimmed_mean, bulyan, meamed, phocas),
-    ``previous`` aggregate for centered_clipping, ``root`` update with a cosine cone for
-    fltrust, the honest ``mean`` with a cosine cone for foolsgold, the ``mean`` with an L2
-    ball otherwise (mean, krum, multi_krum, norm_bound, clipping, geometric median, ...).
-    Explicit ``reference`` / ``constraint`` options override the choice.
-    """
-    rule = rule if knows_rule else "mean"
-    if reference == "auto":
-        if rule in MEDIAN_RULES:
-            reference = "median"
-        elif rule in PREVIOUS_AGGREGATE_RULES:
-            reference = "previous"
-        elif rule == "fltrust":
-            reference = "root"
-        else:
-            reference = "mean"
-    if constraint == "auto":
-        constraint = "cosine" if rule in COSINE_RULES else "l2"
-    return reference, constraint
+def goal_loss(ctx, u, goal_rows_only=True):
+    """Mean loss of ``global + u`` on the goal rows of ``ctx.goal_x`` (0 without any), or
+    on the whole poisoned batch (goal rows and the clean rows beside them)."""
+    mask = ctx.goal_mask if goal_rows_only else None
+    return ctx.loss_fn(ctx.global_params + u, ctx.goal_x, ctx.goal_y, mask)
 
 
-def proxy_root_update(ctx):
-    """The adversary's guess of the server's root update: ``-grad L_proxy(global)``.
+def goal_direction(kind, updates, is_malicious, ctx, rows, mask):
+    """``[d]`` the direction of goal progress (module docstring, step 1)."""
+    crafted = present(ctx) & is_malicious
+    if kind == "gradient":
+        return -jax.grad(lambda u: goal_loss(ctx, u))(jnp.zeros_like(ctx.global_params))
+    if kind == "difference":
+        return masked_mean(updates - ctx.benign_updates, crafted)
+    return masked_mean(updates, crafted) - masked_mean(rows, mask)
 
-    One gradient on the proxy data has the root update's direction to first order, and
-    only the direction matters to a cosine rule. ``None`` without proxy data.
-    """
+
+def descend(x, region: Region, ctx, steps: int, step_size):
+    """``steps`` projected normalised-gradient steps from ``x`` [d] on the loss of the
+    whole poisoned batch (as the attackers' local training sees it: the clean rows keep
+    the goal specific, e.g. a trigger rather than "always 7")."""
+    size = jnp.linalg.norm(x - region.center)
+    grad = jax.grad(lambda u: goal_loss(ctx, u, goal_rows_only=False))
+
+    def step(_, u):
+        return project(region, u - step_size * size * unit(grad(u)))
+
+    return jax.lax.fori_loop(0, steps, step, x)
+
+
+def proxy_gradient(ctx):
+    """``∇ L_proxy(global)``: what the judge's loss sees, by the adversary's proxy data."""
     if ctx.loss_fn is None or ctx.proxy_x is None:
-        return None
-    return -jax.grad(ctx.loss_fn)(ctx.global_params, ctx.proxy_x, ctx.proxy_y)
+        raise ConfigError(
+            "this attack needs the adversary's proxy of the judge's data: set judge.size "
+            "(the proxy then defaults to as many held-out samples) or proxy.size"
+        )
+    return jax.grad(ctx.loss_fn)(ctx.global_params, ctx.proxy_x, ctx.proxy_y)
 
 
-def reference_point(kind, rows, mask, ctx):
-    ref = None
-    if kind == "median":
-        ref = masked_median(rows, mask)
-    elif kind == "previous":
-        ref = ctx.previous_aggregate
-    elif kind == "root":
-        ref = proxy_root_update(ctx)
-    return masked_mean(rows, mask) if ref is None else ref.astype(rows.dtype)
-
-
-def _cosines(rows, direction):
-    norms = jnp.sqrt(row_sq_norms(rows)) * jnp.linalg.norm(direction)
-    return dot(rows, direction) / jnp.where(norms > 0, norms, 1.0)
-
-
-@REGISTRY.register("strategic_distance", traced=("radius_scale",))
-def make_strategic_distance(**kw) -> Attack:
-    """Distance-constrained strategic adversary against distance-based rules.
-
-    Projects the adversarial update(s) into the region around the rule's reference point
-    (:func:`pick_geometry`) that the benign updates themselves occupy:
-
-    - L2: :func:`project_l2` onto the ball of radius ``radius_scale`` (traced, default 1)
-      times the ``spread`` statistic (median | mean | max, default median) of the pool's
-      distances to the reference;
-    - against krum / multi_krum (``knows_rule``, colluding): the L2 ball's radius is the
-      largest distance from the reference towards the adversarial update at which the
-      rule still selects the crafted rows (in-graph search as in Fang et al.'s attack),
-      times ``radius_scale``: Krum accepts points by their density, not by a radius;
-    - cosine: :func:`project_cosine` onto the cone around the reference direction whose
-      half-angle is ``radius_scale`` times the ``spread`` of the pool's angles to it.
-
-    Options: ``goal``, ``knowledge``, ``knows_rule``, ``collude`` (module docstring),
-    ``radius_scale``, ``spread``, ``reference`` (auto | mean | median | previous | root)
-    and ``constraint`` (auto | l2 | cosine). Success is the goal's.
+def fltrust_point(g, rows, mask, n_crafted, ctx, n_present):
+    """The crafted update against FLTrust (Cao et al. 2021), which gives each row the trust
+    ``ReLU(cos(x, g0))`` and rescales it to the root update's norm: only the direction
+    counts. In the plane of the proxy root direction ``e0 = -∇L_proxy`` and the goal's
+    part orthogonal to it ``e1``, the angle ``θ`` maximises the crafted rows' trust share
+    times their goal progress, ``c cos θ / (S + c cos θ) · (a cos θ + b sin θ)`` (``S``:
+    the honest trust, estimated from the pool; ``a``, ``b``: the goal's components).
     """
-    o, setup = parse(
-        "strategic_distance",
-        kw,
-        {
-            **_base_opts(),
-            "radius_scale": Opt(1.0, number(0.0)),
-            "spread": Opt("median", choice("median", "mean", "max")),
-            "reference": Opt("auto", choice(*REFERENCES)),
-            "constraint": Opt("auto", choice("auto", "l2", "cosine")),
-        },
-    )
+    e0 = unit(-proxy_gradient(ctx))
+    e1 = unit(g - dot(g, e0) * e0)
+    a, b = dot(unit(g), e0), dot(unit(g), e1)
+    norms = jnp.sqrt(row_sq_norms(rows))
+    trust = jnp.maximum(dot(rows, e0) / jnp.where(norms > 0, norms, 1.0), 0.0)
+    mean_trust = masked_mean(trust[:, None], mask)[0]
+    honest = jnp.maximum(n_present - n_crafted, 0.0) * mean_trust
+    theta = jnp.linspace(0.0, jnp.pi / 2, 181)
+    share = n_crafted * jnp.cos(theta) / jnp.maximum(honest + n_crafted * jnp.cos(theta), 1e-12)
+    best = theta[jnp.argmax(share * (a * jnp.cos(theta) + b * jnp.sin(theta)))]
+    scale = jnp.linalg.norm(masked_mean(rows, mask))
+    return scale * (jnp.cos(best) * e0 + jnp.sin(best) * e1)
+
+
+def foolsgold_rows(g, is_malicious, ctx, rows, mask, scale):
+    """Crafted rows against FoolsGold (Fung et al. 2020), which zeroes clients whose
+    update histories are too alike. Each attacker sends its own benign update plus a
+    shared goal step ``γ |b_i| ĝ``, with the largest ``γ`` (up to ``4 × scale``) at which
+    the attackers' pairwise cosines stay at or below the largest pairwise cosine among
+    the pool's rows this round. FoolsGold judges cumulative histories; matching this
+    round's similarity is our stand-in for that (stated as an approximation)."""
+    crafted = present(ctx) & is_malicious
+    benign = ctx.benign_updates
+    norms = jnp.sqrt(row_sq_norms(benign))
+    step = norms[:, None] * unit(g)[None, :]
+    n = rows.shape[0]
+    off = ~jnp.eye(n, dtype=bool)
+
+    def max_cos(x, sel):
+        gram = dot(x, x.T)
+        nrm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 1e-30))
+        cos = gram / (nrm[:, None] * nrm[None, :])
+        return jnp.max(jnp.where(sel[:, None] & sel[None, :] & off, cos, -1.0))
+
+    limit = max_cos(rows, mask)
+
+    def accepts(gammas):
+        return jax.vmap(lambda gm: max_cos(benign + gm * step, crafted) <= limit)(gammas)
+
+    gamma = largest_accepted(accepts, 4.0 * scale)
+    return jnp.where(accepts(gamma[None])[0], gamma, 0.0) * step + benign
+
+
+def _make_strategic(name: str, kw: dict, behaviour: bool) -> Attack:
+    extra = {
+        "radius_scale": Opt(1.0, number(0.0)),
+        "spread": Opt("median", choice("median", "mean", "max")),
+    }
+    if behaviour:
+        extra = {"tolerance": Opt(None, number(allow_none=True))}
+    o, setup = parse(name, kw, {**_base_opts(), **extra})
     goal = make_goal(o["goal"], setup)
-    reference, constraint = pick_geometry(
-        setup.rule, o["knows_rule"], o["reference"], o["constraint"]
+    rule = setup.rule if o["knows_rule"] else "mean"
+    needs_benign = (
+        o["knowledge"] == "partial"
+        or o["direction"] == "difference"
+        or rule == "foolsgold"
+        or not o["collude"]
     )
-
-    rule_f, select = krum_options(setup)
-    krum_search = (
-        o["knows_rule"] and setup.rule in KRUM_RULES and constraint == "l2" and o["collude"]
-    )
-
-    def krum_radius(rows, mask, adv, ref, c):
-        """Largest distance from ``ref`` towards ``adv`` at which Krum still selects the
-        ``c`` identical crafted rows (:func:`krum_acceptor`), at most ``|adv - ref|``."""
-        f = c if rule_f is None else jnp.float32(rule_f)
-        gap = jnp.linalg.norm(adv - ref)
-        direction = (adv - ref) / jnp.where(gap > 0, gap, 1.0)
-        accepts = krum_acceptor(rows, mask, c, f, select, ref, direction)
-        return largest_accepted(accepts, gap)
+    needs_goal = o["direction"] == "gradient" or o["steps"] > 0
 
     def craft(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
-        ref = reference_point(reference, rows, mask, ctx)
-        scale = ctx.hparams.get("radius_scale", o["radius_scale"])
-        adv = updates
+        crafted = present(ctx) & is_malicious
+        c = count(crafted)
+        scale = ctx.hparams.get("radius_scale", o.get("radius_scale", 1.0))
         if o["collude"]:
-            adv = masked_mean(updates, present(ctx) & is_malicious)[None, :]
-        if krum_search:
-            c = count(present(ctx) & is_malicious)
-            out = project_l2(adv, ref, scale * krum_radius(rows, mask, adv[0], ref, c))
-        elif constraint == "l2":
-            dists = jnp.sqrt(row_sq_norms(rows, ref))
-            out = project_l2(adv, ref, scale * spread(dists, mask, o["spread"]))
+            g = goal_direction(o["direction"], updates, is_malicious, ctx, rows, mask)
+        else:  # each row pursues its own goal-trained update
+            own = ctx.benign_updates if ctx.benign_updates is not None else masked_mean(rows, mask)
+            g = updates - own
+        if behaviour:  # move where the judge's loss does not look (first order)
+            seen = unit(proxy_gradient(ctx))
+            g = g - (g @ seen)[..., None] * seen
+        if rule == "foolsgold":
+            g = g if g.ndim == 1 else masked_mean(g, crafted)
+            out = foolsgold_rows(g, is_malicious, ctx, rows, mask, scale)
+            return emit(updates, is_malicious, out)
+        if rule == "fltrust":
+            place = lambda d: fltrust_point(d, rows, mask, c, ctx, count(present(ctx)))
         else:
-            angles = jnp.arccos(jnp.clip(_cosines(rows, ref), -1.0, 1.0))
-            angle = jnp.minimum(scale * spread(angles, mask, o["spread"]), jnp.pi)
-            out = jax.vmap(project_cosine, in_axes=(0, None, None))(adv, ref, jnp.cos(angle))
-        return emit(updates, is_malicious, out)
+            if behaviour and rule not in SIMULATED_RULES:
+                region = tolerance_region(rows, mask, ctx, o["tolerance"])
+            else:
+                spread = o.get("spread", "median")
+                region = rule_region(
+                    setup, rows, mask, c, crafted, ctx, scale, spread, o["knows_rule"]
+                )
+
+            def place(d):
+                x = extreme(region, d)
+                if o["steps"] and region.kind in ("ball", "box"):
+                    size = ctx.hparams.get("step_size", o["step_size"])
+                    x = descend(x, region, ctx, o["steps"], size)
+                return x
+
+        x = place(g) if g.ndim == 1 else jax.vmap(place)(g)
+        return emit(updates, is_malicious, x)
 
     return Attack(
         poison=goal.poison,
         craft=craft,
-        needs_benign=o["knowledge"] == "partial",
+        needs_benign=needs_benign,
         success=goal.success,
+        goal_batch=o["goal_batch"] if needs_goal else 0,
     )
 
 
-def largest_mix(loss, base, adv, tol, grid: int, refine: int):
-    """Largest ``a`` in [0, 1] with ``loss(base + a (adv - base)) <= loss(base) + tol``.
+def tolerance_region(rows, mask, ctx, tolerance):
+    """A search region for an unknown behaviour check: from the pool mean along the goal
+    while the proxy loss stays within ``tolerance`` of the mean's; with ``tolerance``
+    None, within the largest rise an honest row of the pool itself causes."""
+    center = masked_mean(rows, mask)
 
-    ``grid`` evenly spaced candidates are evaluated at once; the largest feasible one is
-    refined by ``refine`` bisection steps towards the next grid point. 0 if none is
-    feasible. ``loss`` maps an update ``[d]`` to a scalar.
+    def loss(u):
+        return ctx.loss_fn(ctx.global_params + u, ctx.proxy_x, ctx.proxy_y)
+
+    base = loss(center)
+    if tolerance is None:
+        rises = jax.vmap(loss)(rows) - base
+        tol = jnp.max(jnp.where(mask, rises, 0.0))
+    else:
+        tol = ctx.hparams.get("tolerance", tolerance)
+    reach = 4.0 * jnp.max(jnp.where(mask, jnp.sqrt(row_sq_norms(rows, center)), 0.0))
+
+    def accepts(v, lams):
+        return jax.vmap(lambda lam: loss(center + lam * v) <= base + tol)(lams)
+
+    return Region("search", center, ray=lambda g: reach * unit(g), accepts=accepts)
+
+
+@REGISTRY.register("strategic_distance", traced=("radius_scale", "step_size"))
+def make_strategic_distance(**kw) -> Attack:
+    """Strategic adversary against distance-based rules (module docstring).
+
+    Region per rule (``fedsim.attacks.regions``): ball around the honest mean with the
+    honest spread (mean, geometric median, and rules it does not know), around the
+    previous aggregate with radius τ (centred clipping), of radius ``max_norm`` around 0
+    (norm bound); the order-statistic box (median, trimmed mean, MeaMed); the largest
+    step still selected (Krum, Multi-Krum, Bulyan, DnC, SignGuard); a direction in
+    FLTrust's cone (:func:`fltrust_point`); diversified rows against FoolsGold
+    (:func:`foolsgold_rows`).
+
+    Options: ``goal``, ``knowledge``, ``knows_rule``, ``collude`` (false: each row
+    places its own goal-trained update's direction instead of a shared one), ``direction``
+    (gradient | difference | trained), ``steps``, ``step_size`` (traced, default 0.25),
+    ``goal_batch`` (goal samples drawn from its clients' data each round, default 256),
+    ``radius_scale`` (traced, default 1: scales every ball radius and search length; above
+    1 the adversary leaves the region on purpose), ``spread`` (median | mean | max: the
+    honest-spread statistic of ball radii). Success is the goal's.
     """
-    limit = loss(base) + tol
-    alphas = jnp.linspace(0.0, 1.0, grid)
-    ok = jax.vmap(lambda a: loss(base + a * (adv - base)))(alphas) <= limit
-    last = grid - 1 - jnp.argmax(ok[::-1])
-    lo = jnp.where(jnp.any(ok), alphas[last], 0.0)
-    hi = jnp.where(jnp.any(ok) & (last < grid - 1), lo + 1.0 / (grid - 1), lo)
-
-    def bisect(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        good = loss(base + mid * (adv - base)) <= limit
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, refine, bisect, (lo, hi))
-    return lo
+    return _make_strategic("strategic_distance", kw, behaviour=False)
 
 
-@REGISTRY.register("strategic_behavior", traced=("tolerance",))
+@REGISTRY.register("strategic_behavior", traced=("step_size", "tolerance"))
 def make_strategic_behavior(**kw) -> Attack:
-    """Behaviour-aware strategic adversary against behaviour-based rules (FLTrust's root
-    set, Zeno, Fang's loss rejection, UBAR...).
+    """Strategic adversary against behaviour-based rules (FLTrust's root set, Zeno,
+    Fang's loss and error rejection), judging with its proxy of the judge's data
+    (``proxy:`` in the config; by default held-out samples of the judge's size and
+    classes).
 
-    The judge scores an update by the loss on its data; the adversary holds a proxy of it
-    (``ctx.loss_fn``, ``ctx.proxy_x``, ``ctx.proxy_y``). It sends the mixture
-    ``base + a (adv - base)`` with the largest ``a`` whose proxy loss at
-    ``global + mixture`` stays within ``tolerance`` (traced, default 0) of the proxy loss
-    of ``base`` (:func:`largest_mix`, ``grid`` candidates then ``refine`` bisection steps,
-    in-graph). So behaviour on the proxy data barely moves while the goal, which that data
-    does not cover, advances. ``base`` is each row's own benign update, or when
-    colluding the pool mean (honest mean if omniscient) against the malicious rows' mean
-    adversarial update. The engine must pass the proxy data; crafting without it raises.
-    Options: ``goal``, ``knowledge``, ``knows_rule`` (unused), ``collude``, ``tolerance``,
-    ``grid`` (default 5), ``refine`` (default 6).
+    The goal direction is taken orthogonal to the proxy loss's gradient (to first order
+    the judge's loss does not see it). Against FLTrust it picks the angle to the proxy
+    root update maximising trust × goal progress (:func:`fltrust_point`); against Zeno,
+    LRR and ERR the largest step along the goal that the rule itself, run on the proxy
+    data, still accepts; against any other rule (or without ``knows_rule``) the largest
+    step whose proxy loss rises by at most ``tolerance`` (traced; default null = the
+    largest rise an honest row of the pool causes, i.e. what the rule lets through for
+    honest clients). Options as ``strategic_distance`` plus ``tolerance``.
     """
-    o, setup = parse(
-        "strategic_behavior",
-        kw,
-        {
-            **_base_opts(),
-            "tolerance": Opt(0.0, number()),
-            "grid": Opt(5, integer(2)),
-            "refine": Opt(6, integer(0)),
-        },
-    )
-    goal = make_goal(o["goal"], setup)
-
-    def craft(updates, is_malicious, ctx):
-        if ctx.loss_fn is None or ctx.proxy_x is None:
-            raise ConfigError(
-                "attack 'strategic_behavior' needs the adversary's proxy data "
-                "(ctx.loss_fn, ctx.proxy_x, ctx.proxy_y)"
-            )
-        tol = ctx.hparams.get("tolerance", o["tolerance"])
-
-        def loss(u):
-            return ctx.loss_fn(ctx.global_params + u, ctx.proxy_x, ctx.proxy_y)
-
-        def search(base, adv):
-            a = largest_mix(loss, base, adv, tol, o["grid"], o["refine"])
-            return base + a * (adv - base)
-
-        if o["collude"]:
-            base = masked_mean(*pool(updates, is_malicious, ctx, o["knowledge"]))
-            adv = masked_mean(updates, present(ctx) & is_malicious)
-            return emit(updates, is_malicious, search(base, adv))
-        return emit(updates, is_malicious, jax.vmap(search)(ctx.benign_updates, updates))
-
-    needs_benign = o["knowledge"] == "partial" or not o["collude"]
-    return Attack(poison=goal.poison, craft=craft, needs_benign=needs_benign, success=goal.success)
+    return _make_strategic("strategic_behavior", kw, behaviour=True)

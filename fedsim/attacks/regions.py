@@ -1,0 +1,245 @@
+"""Where a rule accepts an update: the region a strategic adversary stays in.
+
+Our reading of Raynal & Troncoso (arXiv 2402.13700; PAPER.md): a distance-based rule
+cannot tell a strategic update from an honest one as long as it stays where the rule
+accepts honest updates. Each rule is given a region, built in-graph each round from what
+the adversary knows of the benign updates (the *pool*: the present honest rows when
+omniscient, its own clients' benign updates when partial; ``common.pool``):
+
+- ``ball``: the L2 ball around a reference point. The honest mean, with the radius the
+  pool spreads over (``spread`` of its distances to the mean: median, mean or max), for
+  ``mean``, ``geometric_median`` and any rule not listed here; the previous aggregate with
+  radius τ for ``centered_clipping`` (farther rows are clipped); the origin with radius
+  ``max_norm`` for ``norm_bound`` (longer rows are scaled down).
+- ``box``: per coordinate, the pool's order statistics at which the ``c`` crafted copies,
+  tied with that pool value, move the rule's output as far as any value could while
+  keeping at least ``min_share`` (0.8) of their share of the output. With ``n`` pool rows
+  and ``m = n + c`` (0-based ranks of the pool's sorted values): the median, rank
+  ``⌊m/2⌋`` (the copies then hold the upper middle place: the median is what it would be
+  with the copies at +inf, and they share it); the trimmed mean with ``t = ⌊β m⌋`` per
+  side, rank ``m - t - s`` where the tie group keeps the ``s`` places below the cut that
+  ``min_share`` needs (values beyond the cut would move the mean a little more, trimmed,
+  with no weight: a trade-off we state rather than hide). The lower edge mirrors the upper.
+- ``search``: rules that accept by a test rather than a shape. The crafted point moves
+  from a centre along a ray and the largest step still accepted is found in-graph
+  (``common.largest_accepted``): Krum and Multi-Krum by their own score
+  (``common.krum_acceptor``; for Multi-Krum every copy must be among the averaged rows);
+  MeaMed, Bulyan (along the ray from the pool's median to the corner of its range), DnC,
+  SignGuard, Zeno, LRR and ERR by running the rule itself on the pool plus the crafted
+  copies (behaviour-based rules judging with the adversary's proxy data in place of the
+  judge's; randomised rules with the adversary's own key, not the rule's) and accepting
+  while the crafted rows keep at least ``min_share`` (0.8) of their share of the round.
+
+FLTrust and FoolsGold are handled by the attacks themselves (``strategic``): FLTrust only
+sees directions (a cone around its root update) and FoolsGold compares the colluders
+with each other rather than with a reference point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedsim.aggregators._ops import row_sq_norms, select
+from fedsim.attacks.common import (
+    count,
+    krum_acceptor,
+    krum_options,
+    largest_accepted,
+    masked_mean,
+    masked_median,
+    rule_kw,
+    spread,
+)
+from fedsim.types import AggContext, AttackContext, AttackSetup
+
+Array = jax.Array
+
+BOX_RULES = frozenset({"median", "trimmed_mean"})
+# coordinate-wise rules searched along the ray from the pool's median to its range corner
+RANGE_SEARCH_RULES = frozenset({"meamed", "bulyan"})
+SIMULATED_RULES = frozenset(
+    {"meamed", "bulyan", "dnc", "signguard", "zeno", "loss_rejection", "error_rejection"}
+)
+SEARCH_RULES = frozenset({"krum", "multi_krum"}) | SIMULATED_RULES
+
+
+class Region(NamedTuple):
+    """An acceptance region. ``kind`` (static): ``ball`` | ``box`` | ``search``.
+
+    ball: ``center`` [d], ``radius`` scalar. box: ``lo``, ``hi`` [d] (``center`` is the
+    pool's median). search: ``center`` [d]; ``ray(direction [d]) -> v [d]`` the longest
+    step considered, ``accepts(v, lams [K]) -> bool [K]`` whether ``center + lam v`` is
+    accepted.
+    """
+
+    kind: str
+    center: Array
+    radius: Array | None = None
+    lo: Array | None = None
+    hi: Array | None = None
+    ray: Callable | None = None
+    accepts: Callable | None = None
+
+
+def unit(v: Array) -> Array:
+    norm = jnp.linalg.norm(v)
+    return v / jnp.where(norm > 0, norm, 1.0)
+
+
+def extreme(region: Region, direction: Array) -> Array:
+    """The point of ``region`` farthest along ``direction`` [d] (on its boundary)."""
+    if region.kind == "ball":
+        return region.center + region.radius * unit(direction)
+    if region.kind == "box":
+        up = jnp.where(direction > 0, region.hi, region.center)
+        return jnp.where(direction < 0, region.lo, up)
+    v = region.ray(direction)
+    return region.center + largest_accepted(lambda lams: region.accepts(v, lams), 1.0) * v
+
+
+def project(region: Region, x: Array) -> Array:
+    """Nearest point of a ``ball`` or ``box`` region to ``x`` [d]."""
+    if region.kind == "ball":
+        diff = x - region.center
+        dist = jnp.linalg.norm(diff)
+        return jnp.where(dist <= region.radius, x, region.center + diff * region.radius / dist)
+    if region.kind == "box":
+        return jnp.clip(x, region.lo, region.hi)
+    raise ValueError(f"a {region.kind} region has no projection")
+
+
+def contains(region: Region, x: Array, rtol: float = 1e-4) -> Array:
+    """Whether ``x`` lies in a ``ball`` or ``box`` region (relative tolerance ``rtol``)."""
+    if region.kind == "ball":
+        return jnp.linalg.norm(x - region.center) <= region.radius * (1 + rtol)
+    slack = rtol * jnp.maximum(jnp.abs(region.hi - region.lo), 1e-12)
+    return jnp.all((x >= region.lo - slack) & (x <= region.hi + slack))
+
+
+def rule_region(
+    setup: AttackSetup,
+    rows: Array,
+    mask: Array,
+    n_crafted: Array,
+    crafted: Array,
+    ctx: AttackContext,
+    scale: Array,
+    statistic: str = "median",
+    knows_rule: bool = True,
+    min_share: float = 0.8,
+) -> Region:
+    """The region of ``setup.rule`` (module docstring), from the pool ``rows`` [n, d] where
+    ``mask``, for ``n_crafted`` identical crafted rows sent from the rows where
+    ``crafted`` [n] (bool). ``scale`` multiplies ball radii and search lengths (1 = the
+    region itself). Without ``knows_rule`` the adversary assumes the mean."""
+    rule = setup.rule if knows_rule else "mean"
+    opts = rule_kw(setup)
+    hp = ctx.rule_hparams or {}
+    mean = masked_mean(rows, mask)
+    if rule == "centered_clipping":
+        tau = hp.get("tau", opts.get("tau", 1.0))
+        return Region("ball", ctx.previous_aggregate.astype(rows.dtype), radius=scale * tau)
+    if rule == "norm_bound":
+        bound = hp.get("max_norm", opts.get("max_norm", 1.0))
+        return Region("ball", jnp.zeros_like(mean), radius=scale * bound)
+    if rule in BOX_RULES:
+        lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted, min_share)
+        return Region("box", masked_median(rows, mask), lo=lo, hi=hi)
+    radius = spread(jnp.sqrt(row_sq_norms(rows, mean)), mask, statistic)
+    if rule in ("krum", "multi_krum"):
+        f, select_count = krum_options(setup)
+        f = n_crafted if f is None else jnp.float32(f)
+        if rule == "multi_krum":  # every crafted copy among the rows Multi-Krum averages
+            chosen = count(mask) + n_crafted - f if select_count is None else select_count
+            select_count = jnp.maximum(chosen - n_crafted + 1, 1)
+
+        def krum_accepts(v, lams):
+            length = jnp.linalg.norm(v)
+            accepts = krum_acceptor(rows, mask, n_crafted, f, select_count, mean, unit(v))
+            return accepts(lams * length)
+
+        reach = 4.0 * scale * radius
+        return Region("search", mean, ray=lambda g: reach * unit(g), accepts=krum_accepts)
+    if rule in SIMULATED_RULES:
+        accepts = simulated_acceptor(setup, rows, mask, crafted, ctx, min_share)
+        if rule in RANGE_SEARCH_RULES:
+            lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted)
+            med = masked_median(rows, mask)
+            corner = lambda g: jnp.where(g > 0, hi, jnp.where(g < 0, lo, med)) - med
+            ray = lambda g: scale * corner(g)
+            return Region("search", med, ray=ray, accepts=_shifted(accepts, med))
+        reach = 4.0 * scale * radius
+        return Region(
+            "search", mean, ray=lambda g: reach * unit(g), accepts=_shifted(accepts, mean)
+        )
+    return Region("ball", mean, radius=scale * radius)
+
+
+def _shifted(accepts, center):
+    """``accepts(points [K, d]) -> bool [K]`` as a ray test around ``center``."""
+    return lambda v, lams: accepts(center[None, :] + lams[:, None] * v[None, :])
+
+
+def box_edges(rule, opts, hp, rows, mask, n_crafted, min_share: float = 0.8):
+    """(lo [d], hi [d]) for ``n_crafted`` identical values against a coordinate-wise rule:
+    per coordinate, the pool's order statistics at which the crafted copies, tied with
+    that pool value, move the rule's output as far as any value could while keeping at
+    least ``min_share`` of their share of the output (module docstring); for any other
+    rule, the pool's range (min and max)."""
+    n = count(mask).astype(jnp.int32)
+    c = jnp.asarray(n_crafted).astype(jnp.int32)
+    m = n + c
+    if rule == "median":
+        # tied at the upper middle position the copies give the median of m values its
+        # largest value (as if they were +inf) and share the median's weight there
+        upper = m // 2
+    elif rule == "trimmed_mean":
+        t = jnp.floor(hp.get("beta", opts.get("beta", 0.1)) * m).astype(jnp.int32)
+        t = jnp.clip(t, 0, (m - 1) // 2)
+        # the tie group (the pool value and the c copies) keeps `slots` of the places
+        # below the upper cut: as few as still give the copies min_share of their share
+        kept = m - 2 * t
+        need = min_share * (c + 1).astype(jnp.float32) * kept.astype(jnp.float32) / m
+        slots = jnp.clip(jnp.ceil(need - 1e-6).astype(jnp.int32), 1, c + 1)
+        upper = m - t - slots
+    else:
+        upper = n - 1
+    upper = jnp.clip(upper, (n - 1) // 2, jnp.maximum(n - 1, 0))
+    ranks = jnp.stack([n - 1 - upper, upper])
+    lo, hi = select(rows, mask, ranks)
+    return lo, hi
+
+
+def simulated_acceptor(setup, rows, mask, crafted, ctx: AttackContext, min_share: float):
+    """``accepts(points [K, d]) -> bool [K]``: the rule itself, run on the pool rows plus
+    the crafted point sent from every ``crafted`` row, gives the crafted rows at least
+    ``min_share`` of their share of the present rows. Behaviour-based rules judge with the
+    adversary's proxy data. One candidate at a time (``lax.map``): each run is a whole
+    rule on ``[2n, d]``."""
+    from fedsim import aggregators  # the rules, whose package imports nothing from attacks
+
+    agg = aggregators.make(setup.rule, **rule_kw(setup))
+    n, d = rows.shape
+    weights = jnp.concatenate([mask, crafted]).astype(rows.dtype)
+    share = count(crafted) / jnp.maximum(count(mask) + count(crafted), 1.0)
+    actx = AggContext(
+        global_params=ctx.global_params,
+        key=ctx.key,
+        hparams=ctx.rule_hparams or {},
+        loss_fn=ctx.loss_fn,
+        judge_x=ctx.proxy_x,
+        judge_y=ctx.proxy_y,
+        error_fn=ctx.error_fn,
+    )
+    state = agg.init(ctx.global_params, 2 * n)
+
+    def one(point):
+        matrix = jnp.concatenate([rows, jnp.broadcast_to(point, (n, d))])
+        _, _, info = agg.aggregate(matrix, weights, state, actx)
+        return jnp.sum(jnp.where(crafted, info.weight[n:], 0.0)) >= min_share * share
+
+    return lambda points: jax.lax.map(one, points)
