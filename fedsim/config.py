@@ -226,8 +226,10 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
         if isinstance(base.get(key), dict) and not isinstance(value, dict) and not in_component:
             raise _section_error(path, base[key], value)  # a component's options are its own
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            if path in OPEN_SECTIONS and "name" in value and value["name"] != base[key].get("name"):
-                # a different component: drop the old one's options, keep the engine's
+            renamed = "name" in value and value["name"] != base[key].get("name")
+            if renamed and (path in OPEN_SECTIONS or in_component):
+                # a different component (or a component's goal, stage, ...): drop the old
+                # one's options, keep the engine's
                 kept = {k: v for k, v in base[key].items() if k in ENGINE_KEYS.get(path, ())}
                 out[key] = {**kept, **value}
             else:

@@ -161,3 +161,26 @@ def test_new_clip_norm_does_not_trace_again():
     assert spec_a == spec_b
     assert engine.TRACE_COUNT["round"] == traced
     assert tight[-1]["update_norm"] < loose[-1]["update_norm"]  # the value reached the stage
+
+
+def test_a_renamed_nested_component_replaces_the_old_one():
+    """A goal given with another name is another goal: the old goal's options do not leak
+    into it (a backdoor goal would otherwise inherit targeted's 'source')."""
+    cfg = load_config(
+        None,
+        [
+            "attack.name=strategic_distance",
+            "attack.goal={name: targeted, source: 1, target: 7}",
+            "attack.goal={name: backdoor, target: 7}",
+        ],
+    )
+    assert cfg["attack"]["goal"] == {"name": "backdoor", "target": 7}
+    cfg = load_config(
+        None,
+        [
+            "attack.name=strategic_distance",
+            "attack.goal={name: targeted, source: 1, target: 7}",
+            "attack.goal={target: 3}",
+        ],
+    )  # no name: the same goal, its options merged
+    assert cfg["attack"]["goal"] == {"name": "targeted", "source": 1, "target": 3}
