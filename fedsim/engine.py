@@ -89,6 +89,7 @@ class RunState(NamedTuple):
 class RoundMetrics(NamedTuple):
     malicious_weight: jax.Array  # share of the aggregate from malicious clients
     honest_weight: jax.Array  # share of the aggregate from honest clients
+    honest_accepted: jax.Array  # fraction of present honest clients the rule used (see below)
     malicious_participants: jax.Array
     update_norm: jax.Array
     finite: jax.Array  # False once the aggregate or the model is NaN/Inf (divergence)
@@ -393,6 +394,7 @@ def make_round(setup: Setup):
             malicious_participants=jnp.sum(is_mal),
             update_norm=jnp.linalg.norm(delta),
             finite=jnp.all(jnp.isfinite(delta)) & params_finite,
+            honest_accepted=honest_accepted(info.weight, weights > 0, is_mal),
             **_distances_to(delta, updates, weights > 0, is_mal),
         )
         new_state = RunState(
@@ -426,6 +428,17 @@ def goal_samples(key, data: Data, clients, count, is_mal, attack, attack_hp) -> 
     px, py = attack.poison(x, y, k_poison, attack_hp)
     changed = (py != y) | jnp.any((px != x).reshape(size, -1), axis=1)
     return {"goal_x": px, "goal_y": py, "goal_mask": changed}
+
+
+def honest_accepted(weight, present, is_mal):
+    """Fraction of the present honest clients given at least half of a uniform share
+    (``1 / (2 m)``, m = present clients): how many honest updates the rule still uses.
+    Every convex rule's weights sum to 1, so the honest *share* cannot show a tightened
+    rule rejecting honest clients when no one attacks; this count can (1 for the mean)."""
+    honest = present & ~is_mal
+    m = jnp.maximum(jnp.sum(present), 1)
+    used = honest & (weight >= 0.5 / m)
+    return jnp.sum(used) / jnp.maximum(jnp.sum(honest), 1)
 
 
 def _distances_to(reference, updates, present, is_mal) -> dict:
