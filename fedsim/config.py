@@ -13,7 +13,6 @@ Every mistake is a ``ConfigError`` with one line saying what is wrong and what i
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import inspect
 import math
@@ -24,14 +23,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import yaml
-from flax import struct
 
 from fedsim import aggregators, attacks, models
 from fedsim.aggregators.pre import PRE
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
 from fedsim.data import REGISTRY as DATASETS
-from fedsim.registry import ConfigError
+from fedsim.registry import ConfigError, accepted
+from fedsim.spec import HParams, Spec, freeze, thaw
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -71,64 +70,6 @@ DEFAULTS: dict[str, Any] = {
 OPEN_SECTIONS = {"model", "aggregator", "attack", "data.partition"}
 # Keys of an open section that belong to the engine, kept when the component changes.
 ENGINE_KEYS = {"attack": ("fraction",)}
-
-
-class Items(tuple):
-    """A dict frozen into a sorted tuple of (key, value) pairs (hashable, for ``Spec``)."""
-
-
-def _freeze(value):
-    """Lists -> tuples, dicts -> ``Items``: hashable, for ``Spec``."""
-    if isinstance(value, dict):
-        return Items(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Everything that fixes shapes or code paths; a new Spec is a new compile."""
-
-    dataset: str
-    data_source: str
-    data_dir: str | None
-    n_clients: int
-    partition: str
-    partition_kw: tuple
-    partition_seed: int
-    model: str
-    model_kw: tuple
-    participants: int
-    local_epochs: int | None
-    local_steps: int | None
-    batch_size: int
-    client_optimizer: str
-    server_optimizer: str
-    aggregator: str
-    aggregator_kw: tuple
-    attack: str
-    attack_kw: tuple
-    judge_size: int
-    judge_classes: tuple | None
-    proxy_size: int | None
-    proxy_classes: tuple | None
-    proxy_source: str
-    rounds: int
-    eval_every: int
-
-
-@struct.dataclass
-class HParams:
-    """Traced numbers: a sweep over them (or seeds) is a vmap, never a recompile."""
-
-    client_lr: Any
-    client_momentum: Any
-    server_lr: Any
-    server_momentum: Any
-    attack_fraction: Any
-    agg: dict
-    attack: dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -302,14 +243,6 @@ def _component_kw(section: dict, where: str) -> tuple[str, dict]:
     return section["name"], kw
 
 
-def accepted(factory, **fixed) -> dict:
-    """The subset of ``fixed`` keyword arguments that ``factory`` accepts."""
-    params = inspect.signature(factory).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fixed
-    return {k: v for k, v in fixed.items() if k in params}
-
-
 def _prefixed(where: str, name: str, err: Exception) -> ConfigError:
     """``err`` as ``"<where> '<name>': <message>"``, without repeating a prefix the
     component's own message already carries ("attack 'x': ..." or "x: ...")."""
@@ -442,7 +375,7 @@ def _check_rows(cfg: dict, name: str, kw: dict) -> None:
     checked now by tracing its aggregate abstractly (``jax.eval_shape``: nothing runs)."""
     n, n_clients = cfg["client"]["participants"], cfg["data"]["n_clients"]
     judge = cfg["judge"]["size"] > 0
-    frozen = _freeze(kw)
+    frozen = freeze(kw)
     try:
         _abstract_aggregate(name, frozen, n, n_clients, judge)
     except ConfigError as err:
@@ -635,10 +568,10 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         data_dir=data["data_dir"],
         n_clients=data["n_clients"],
         partition=part_name,
-        partition_kw=_freeze(part_kw),
+        partition_kw=freeze(part_kw),
         partition_seed=data["partition_seed"],
         model=model_name,
-        model_kw=_freeze(model_kw),
+        model_kw=freeze(model_kw),
         participants=client["participants"],
         local_epochs=client["local_epochs"],
         local_steps=client["local_steps"],
@@ -646,9 +579,9 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         client_optimizer=client["optimizer"],
         server_optimizer=cfg["server"]["optimizer"],
         aggregator=agg_name,
-        aggregator_kw=_freeze(agg_static),
+        aggregator_kw=freeze(agg_static),
         attack=att_name,
-        attack_kw=_freeze(att_static),
+        attack_kw=freeze(att_static),
         judge_size=cfg["judge"]["size"],
         judge_classes=None if classes is None else tuple(classes),
         proxy_size=cfg["proxy"]["size"],
@@ -668,15 +601,6 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         attack={k: scalar(v) for k, v in att_traced.items()},
     )
     return spec, hparams
-
-
-def thaw(frozen):
-    """Inverse of ``_freeze``: ``Items`` -> dict, tuple -> list, recursively."""
-    if isinstance(frozen, Items):
-        return {k: thaw(v) for k, v in frozen}
-    if isinstance(frozen, tuple):
-        return [thaw(v) for v in frozen]
-    return frozen
 
 
 def dump(cfg: dict) -> str:

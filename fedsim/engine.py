@@ -27,9 +27,9 @@ from jax.flatten_util import ravel_pytree
 from fedsim import aggregators, attacks, models
 from fedsim.aggregators._ops import row_sq_norms
 from fedsim.client import LocalSpec, cross_entropy, make_local_train, make_optimizer, n_local_steps
-from fedsim.config import HParams, Spec, accepted, thaw
 from fedsim.data import load, pack, partition
-from fedsim.registry import ConfigError
+from fedsim.registry import ConfigError, accepted
+from fedsim.spec import HParams, Spec, thaw
 from fedsim.types import AggContext, AttackContext, AttackSetup
 
 TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)

@@ -113,7 +113,7 @@ def _hparams_shapes(setup):
     import jax.numpy as jnp
 
     from fedsim import aggregators, attacks
-    from fedsim.config import HParams
+    from fedsim.spec import HParams
 
     spec = setup.spec
     s = jax.ShapeDtypeStruct((), jnp.float32)

@@ -6,6 +6,7 @@ A registry maps a name to a factory. ``make(name, **kw)`` calls it; an unknown n
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -56,3 +57,11 @@ class Registry:
 
     def __iter__(self):
         return iter(self.names())
+
+
+def accepted(factory, **fixed) -> dict:
+    """The subset of ``fixed`` keyword arguments that ``factory`` accepts."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fixed
+    return {k: v for k, v in fixed.items() if k in params}
