@@ -131,9 +131,18 @@ def _options(name, f):
     return {k: (f if v == "F" else v) for k, v in CASES[name].kw.items()}
 
 
-@functools.cache
+def _uses_f(name):
+    return "F" in CASES[name].kw.values()
+
+
 def _jitted(name, f, n_clients):
-    agg = make(name, **_options(name, f))
+    # rules without an f share one compiled function across the tests' values of f
+    return _compiled(name, f if _uses_f(name) else None, n_clients)
+
+
+@functools.cache
+def _compiled(name, f, n_clients):
+    agg = make(name, **_options(name, f or 0))
 
     @jax.jit
     def run(x, w, key, glob, jx, jy, hparams):
