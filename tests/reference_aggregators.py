@@ -109,7 +109,13 @@ def _sq_dist(a, b):
     return float(np.sum((a - b) ** 2))
 
 
+def _finite(row):
+    return bool(np.all(np.isfinite(row)))
+
+
 def krum_scores(xp, f, among=None):
+    """Blanchard et al.: the sum of squared distances to the ``k = max(m - f - 2, 1)``
+    nearest others; with fewer others (a lone row) the sum is over those there are."""
     m = len(xp) if among is None else len(among)
     among = list(range(len(xp))) if among is None else among
     k = max(m - f - 2, 1)
@@ -124,21 +130,29 @@ def krum_scores(xp, f, among=None):
 
 
 def ref_krum(x, w, f=0):
+    """The lowest-scoring finite row (ties to the lowest index); 0 if there is none."""
     xp, idx = _present(x, w)
     scores = krum_scores(xp, f)
-    best = min(scores, key=lambda i: (scores[i], i))
+    candidates = [i for i in scores if _finite(xp[i])]
     weight = np.zeros(len(idx))
+    if not candidates:
+        return np.zeros(xp.shape[1]), _scatter(len(w), idx, weight)
+    best = min(candidates, key=lambda i: (scores[i], i))
     weight[best] = 1
     return xp[best], _scatter(len(w), idx, weight)
 
 
 def ref_multi_krum(x, w, f=0, m=None):
+    """The mean of the ``q`` lowest-scoring finite rows (fewer if fewer are finite)."""
     xp, idx = _present(x, w)
     scores = krum_scores(xp, f)
     q = max(len(xp) - f, 1) if m is None else min(m, len(xp))
-    chosen = sorted(scores, key=lambda i: (scores[i], i))[:q]
+    candidates = [i for i in scores if _finite(xp[i])]
+    chosen = sorted(candidates, key=lambda i: (scores[i], i))[:q]
     weight = np.zeros(len(idx))
-    weight[chosen] = 1 / q
+    if not chosen:
+        return np.zeros(xp.shape[1]), _scatter(len(w), idx, weight)
+    weight[chosen] = 1 / len(chosen)
     return np.mean(xp[chosen], axis=0), _scatter(len(w), idx, weight)
 
 
@@ -147,9 +161,10 @@ def ref_bulyan(x, w, f=0):
     left, chosen = list(range(len(xp))), []
     for _ in range(max(len(xp) - 2 * f, 1)):
         scores = krum_scores(xp, f, among=left)
-        best = min(left, key=lambda i: (scores[i], i))
-        if not math.isfinite(scores[best]) and not np.all(np.isfinite(xp[best])):
+        candidates = [i for i in left if _finite(xp[i])]
+        if not candidates:
             break
+        best = min(candidates, key=lambda i: (scores[i], i))
         chosen.append(best)
         left.remove(best)
     chosen.sort()

@@ -203,7 +203,7 @@ def test_every_rule_has_a_case():
     assert sorted(CASES) == REGISTRY.names()
 
 
-SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2)]
+SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2), (11, 6, 0, 2)]
 EDGES = ["ties", "duplicates", "equal"]
 
 
@@ -249,13 +249,15 @@ def test_smallest_n_for_f(name):
     _close(weight, want_weight)
 
 
-@pytest.mark.parametrize("name", REGISTRY.names())
-def test_permutation_invariance(name):
+@pytest.mark.parametrize(
+    "name, f", [(n, f) for n in REGISTRY.names() for f in ((2, 0) if _uses_f(n) else (2,))]
+)
+def test_permutation_invariance(name, f):
     x, w = _data(11, 6, 5)
     env = _env(6)
     perm = np.random.default_rng(0).permutation(11)
-    out, weight = _run(name, x, w, 2, env)
-    out_p, weight_p = _run(name, x[perm], w[perm], 2, env)
+    out, weight = _run(name, x, w, f, env)
+    out_p, weight_p = _run(name, x[perm], w[perm], f, env)
     _close(out, out_p, 1e-4)
     _close(weight[perm], weight_p, 1e-4)
 
@@ -349,6 +351,21 @@ def test_foolsgold_history_follows_client_ids():
     want, want_w = ref.ref_foolsgold(x[::-1], w, history=x)
     _close(np.asarray(out), want)
     _close(np.asarray(info.weight), want_w)
+
+
+# --- corners: few present rows, weights as shares, distances near convergence --------------
+
+
+def test_bulyan_without_f_is_the_mean():
+    # f = 0 (its default): θ = β = m, every present row is selected and kept
+    x = np.random.default_rng(26).standard_normal((6, 5)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    env = _env(5)
+    _close(ref.ref_bulyan(x, w, 0)[0], x.mean(0))
+    for rows in (x, x[::-1]):
+        out, weight = _run("bulyan", rows, w, 0, env)
+        _close(out, x.mean(0))
+        _close(weight, np.full(6, 1 / 6))
 
 
 # --- static checks -------------------------------------------------------------------------

@@ -121,14 +121,34 @@ def make_meamed(f: int = 0) -> Aggregator:
 
 
 def krum_scores(updates, present, f):
-    """Krum scores (Blanchard et al. 2017): for each row, the sum of squared distances to
-    its ``m - f - 2`` nearest other present rows (at least 1). Absent or non-finite rows
-    score +inf."""
+    """Krum scores (Blanchard et al. 2017) and the candidates, ``(scores [n], ok [n])``.
+
+    A row's score is the sum of squared distances to its ``m - f - 2`` nearest other
+    present rows (at least 1, at most the ``m - 1`` others: a lone present row scores 0,
+    the empty sum). Candidates (``ok``) are the finite present rows; the others score +inf,
+    and so does a candidate whose nearest others include a non-finite row."""
     ok = present & ops.finite_rows(updates)
     dist = ops.pairwise_sq_dists(updates, ok)
     others = jnp.where(jnp.eye(dist.shape[0], dtype=bool), jnp.inf, dist)
-    k = jnp.maximum(_count(present) - f - 2, 1)
-    return jnp.where(ok, ops.sum_smallest(others, k), jnp.inf)
+    m = _count(present)
+    k = jnp.maximum(m - f - 2, 1)
+    scores = jnp.where(m > 1, ops.sum_smallest(others, k), 0)
+    return jnp.where(ok, scores, jnp.inf), ok
+
+
+def lowest(scores, candidates):
+    """``(index, found)``: the candidate with the lowest score, ties (+inf included) to the
+    lowest index; ``found`` is False when there is no candidate. A plain ``argmin`` would
+    take row 0 when every score is +inf, candidate or not."""
+    least = jnp.min(jnp.where(candidates, scores, jnp.inf))
+    return jnp.argmax(candidates & (scores <= least)), jnp.any(candidates)
+
+
+def candidate_ranks(scores, candidates):
+    """``[n]`` rank of each row by score with every candidate before every other row (ties,
+    +inf included, by index)."""
+    order = jnp.lexsort((scores, ~candidates))
+    return jnp.zeros_like(order).at[order].set(jnp.arange(scores.shape[0]))
 
 
 def _check_krum(name, n, f):
@@ -141,15 +161,20 @@ def make_krum(f: int = 0) -> Aggregator:
 
     Score = sum of squared L2 distances to the ``m - f - 2`` nearest other present updates
     (the paper's count; some libraries use ``m - f - 1``). Needs ``n > 2f + 2``. Ties go to
-    the lowest row index. AggInfo.weight: one-hot on the selected client.
+    the lowest row index. Corners: fewer present rows clamp the count to at least 1 and at
+    most the ``m - 1`` others, so a lone present row scores 0 (the paper's sum over its
+    neighbours, which are none) and is the output. Only finite present rows are
+    candidates: when every candidate scores +inf (too many non-finite rows for ``f``) the
+    lowest-index candidate is taken; with no finite present row the output is 0 with zero
+    weights. AggInfo.weight: one-hot on the selected client.
     """
 
     def aggregate(updates, weights, state, ctx: AggContext):
         _check_krum("krum", updates.shape[0], f)
         present = ops.present_mask(weights)
-        best = jnp.argmin(krum_scores(updates, present, f))
-        pick = (jnp.arange(updates.shape[0]) == best) & present
-        out = jnp.where(pick.any(), updates[best], 0)
+        best, found = lowest(*krum_scores(updates, present, f))
+        pick = (jnp.arange(updates.shape[0]) == best) & found
+        out = jnp.where(found, updates[best], 0)
         return out, state, AggInfo(weight=pick.astype(updates.dtype))
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -161,8 +186,10 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
     Krum scores (scores as in ``krum``, ``m - f - 2`` neighbours).
 
     ``m`` (static) defaults to ``present - f`` (computed in-graph); it is clamped to the
-    number of present rows. Needs ``n > 2f + 2``. AggInfo.weight: ``1/m`` on each selected
-    client.
+    number of present rows. Needs ``n > 2f + 2``. Ties go to the lowest row index. Corners
+    as ``krum``: a lone present row scores 0 and is the output; only finite rows are
+    selected, so with fewer than ``m`` finite present rows the mean is over those (0 when
+    there are none). AggInfo.weight: ``1/|selected|`` on each selected client.
     """
     ops.check(m is None or m >= 1, f"multi_krum: m must be >= 1, got {m}")
 
@@ -170,12 +197,11 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
         _check_krum("multi_krum", updates.shape[0], f)
         present = ops.present_mask(weights)
         count = _count(present)
-        scores = krum_scores(updates, present, f)
+        scores, ok = krum_scores(updates, present, f)
         q = jnp.maximum(count - f, 1) if m is None else jnp.minimum(m, count)
-        chosen = present & (ops.ranks(scores) < q)
+        chosen = ok & (candidate_ranks(scores, ok) < q)
         share = normalized(chosen.astype(updates.dtype))
-        finite = jnp.isfinite(scores)  # a finite score means a finite row
-        out = ops.combine(share, updates, chosen, finite)
+        out = ops.combine(share, updates, chosen, ok)
         return out, state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -183,8 +209,11 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
 
 def iterated_krum(updates, present, f, count):
     """Bulyan's selection: apply Krum ``count`` times, removing each pick (El Mhamdi et al.
-    2018). Each Krum runs on the rows left, with ``left - f - 2`` neighbours. Returns the
-    ``[n]`` bool mask of picked rows.
+    2018). Each Krum runs on the rows left, with ``left - f - 2`` neighbours clamped as in
+    ``krum_scores`` (at least 1, at most the ``left - 1`` others: the last row left scores
+    0 and is picked). Each pass picks among the finite rows left (lowest score, ties to the
+    lowest index); it picks nothing once none is left. Returns the ``[n]`` bool mask of
+    picked rows.
 
     The distances are computed once and each row's neighbours sorted once; a pass then
     costs O(n²): a score is the sum of a row's first ``k`` sorted entries still available,
@@ -198,19 +227,20 @@ def iterated_krum(updates, present, f, count):
     order = jnp.argsort(others, axis=1, stable=True)
     srt = jnp.take_along_axis(others, order, axis=1)
     where_is = jnp.zeros_like(order).at[cols[:, None], order].set(cols[None, :])
-    avail = present[order]  # [i, r]: the r-th nearest row of i is still a candidate
-    seen = jnp.cumsum(avail, axis=1, dtype=jnp.int32)  # candidates among the r nearest
+    # [i, r]: the r-th nearest other row of i is still left (i itself never counts)
+    avail = present[order] & (order != cols[:, None])
+    seen = jnp.cumsum(avail, axis=1, dtype=jnp.int32)  # rows left among the r nearest
 
     def body(t, carry):
         picked, avail, seen = carry
         left = present & ~picked
-        k = jnp.maximum(_count(left) - f - 2, 1)
+        n_left = _count(left)
+        k = jnp.minimum(jnp.maximum(n_left - f - 2, 1), n_left - 1)
         use = avail & (seen <= k)
         total = jnp.sum(jnp.where(use, srt, 0), axis=1)
         total = jnp.where(seen[:, -1] >= k, total, jnp.inf)  # too few others: inf, as Krum
-        scores = jnp.where(left & ok, total, jnp.inf)
-        best = jnp.argmin(scores)
-        take = (t < count) & left[best] & ok[best]
+        best, found = lowest(total, left & ok)
+        take = (t < count) & found
         at = jnp.where(take, where_is[:, best], n)[:, None]  # best's place in each row
         avail = avail & (cols[None, :] != at)
         seen = seen - (cols[None, :] >= at)
@@ -227,8 +257,11 @@ def make_bulyan(f: int = 0) -> Aggregator:
     Select ``θ = m - 2f`` updates by iterated Krum (each round removes its pick), then per
     coordinate average the ``β = θ - 2f`` selected values closest to the selected values'
     median (ties at the cut enter through their average). Needs ``n ≥ 4f + 3``; with fewer
-    present clients θ and β are clamped to at least 1. AggInfo.weight: ``1/β`` per kept
-    value, averaged over coordinates (zero for unselected clients).
+    present clients θ and β are clamped to at least 1. Iterated Krum picks only finite
+    rows, and the last row left scores 0 (see ``iterated_krum``), so with ``f = 0`` (the
+    default) every finite present row is selected and kept: the uniform mean; one present
+    row is the output. AggInfo.weight: ``1/β`` per kept value, averaged over coordinates
+    (zero for unselected clients).
     """
 
     def aggregate(updates, weights, state, ctx: AggContext):
