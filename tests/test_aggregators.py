@@ -368,6 +368,15 @@ def test_bulyan_without_f_is_the_mean():
         _close(weight, np.full(6, 1 / 6))
 
 
+def test_meamed_of_two_rows_is_their_mean():
+    # q = m - f = 1 of 2 values: both are equally close to their median, a tie entered
+    # through their average; measured from the rounded midpoint, float32 picked one
+    x = np.random.default_rng(29).standard_normal((3, 300)).astype(np.float32)
+    out, _, info = _apply(make("meamed", f=1), x, np.array([1, 1, 0], np.float32))
+    _close(np.asarray(out), (x[0].astype(np.float64) + x[1]) / 2, 1e-6)
+    _close(np.asarray(info.weight), [0.5, 0.5, 0], 1e-6)
+
+
 # --- static checks -------------------------------------------------------------------------
 
 

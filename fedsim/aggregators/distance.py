@@ -87,8 +87,8 @@ def _mean_around_median(updates, rows, n_rows, q):
     (``[d]``, per-client weight ``[n]``)."""
 
     def block(xb, p):
-        med, _ = ops.median_block(xb, p, n_rows)
-        return ops.closest_block(xb, p, med, q)
+        lo, hi = ops.middle_values(xb, p, n_rows)
+        return ops.closest_block(xb, p, lo, hi, q)
 
     return ops.coordinatewise(block, updates, rows)
 
