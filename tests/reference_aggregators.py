@@ -84,6 +84,8 @@ def _coordinatewise(x, w, fn):
 
 def ref_mean(x, w):
     w = np.asarray(w, np.float64)
+    if w.sum() == 0:  # no present row: no update
+        return np.zeros(np.shape(x)[1]), np.zeros(len(w))
     share = w / w.sum()
     return sum(share[i] * np.asarray(x[i], np.float64) for i in range(len(w)) if w[i] > 0), share
 
@@ -228,8 +230,8 @@ def ref_norm_bound(x, w, max_norm=1.0):
 def ref_dnc(x, w, f=0, c=1.0, cols_per_iter=()):
     x = np.asarray(x, np.float64)
     n = len(w)
-    removed = int(c * f)
     present = [i for i in range(n) if w[i] > 0]
+    removed = min(int(c * f), len(present) - 1)  # one present row always stays
     good = set(present)
     for cols in cols_per_iter:
         ok = [i for i in present if np.all(np.isfinite(x[i]))]
@@ -243,6 +245,8 @@ def ref_dnc(x, w, f=0, c=1.0, cols_per_iter=()):
         good -= set(worst)
     good = sorted(good)
     weight = np.zeros(n)
+    if not good:  # the iterations removed every row between them
+        return np.zeros(x.shape[1]), weight
     weight[good] = 1 / len(good)
     return x[good].mean(axis=0), weight
 
@@ -366,7 +370,7 @@ def ref_loss_rejection(x, w, glob, jx, jy, f=0, metric=linear_loss):
         w2 = w.copy()
         w2[i] = 0
         impact[i] = with_all - metric(glob + ref_mean(x, w2)[0], jx, jy)
-    drop = sorted(present, key=lambda i: (-impact[i], i))[:f]
+    drop = sorted(present, key=lambda i: (-impact[i], i))[: min(f, len(present) - 1)]
     w3 = w.copy()
     w3[drop] = 0
     return ref_mean(x, w3)

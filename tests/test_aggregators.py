@@ -356,6 +356,76 @@ def test_foolsgold_history_follows_client_ids():
 # --- corners: few present rows, weights as shares, distances near convergence --------------
 
 
+@pytest.mark.parametrize(
+    "name, m, f",
+    [
+        (n, m, f)
+        for n in REGISTRY.names()
+        for m in (1, 2, 3)
+        for f in ((0, 2) if _uses_f(n) else (0,))
+    ],
+)
+def test_few_present_rows(name, m, f):
+    # dropouts or a small peer-to-peer neighbourhood: the counts derived from m meet their
+    # clamps (Krum's neighbours, Bulyan's θ and β, DnC's and the rejections' removals)
+    if name == "dnc" and m == 2 and f > 0:
+        pytest.skip("the two centred rows score exactly alike; float32 noise breaks the tie")
+    x = np.random.default_rng(24).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[[3, 7, 9][:m]] = [1.5, 0.7, 1.0][:m]
+    x[w == 0] = np.nan
+    env = _env(6)
+    out, weight = _run(name, x, w, f, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, f)
+    _close(out, want_out)
+    _close(weight, want_weight)
+
+
+# With one present row the output is that row, weight one-hot, except where the rule's
+# definition says otherwise (then the reference's value is checked instead):
+LONE_ROW_EXCEPTIONS = {
+    "centered_clipping": "clips around its previous aggregate (zeros at first): τ-steps to x",
+    "norm_bound": "scales the row to norm at most max_norm",
+    "fltrust": "rescales the row to |g0|, and drops it if its cosine with g0 is <= 0",
+}
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_one_present_row(name):
+    x = np.random.default_rng(25).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[3] = 1.3
+    x[w == 0] = np.nan
+    env = _env(6)
+    lone = np.zeros(11)
+    lone[3] = 1
+    for f in (0, 2) if _uses_f(name) else (0,):
+        out, weight = _run(name, x, w, f, env)
+        want_out, want_weight = CASES[name].ref(x, w, env, f)
+        if name not in LONE_ROW_EXCEPTIONS:
+            _close(want_out, x[3])  # the reference follows the same convention
+            _close(want_weight, lone)
+        _close(out, want_out)
+        _close(weight, want_weight)
+
+
+def _stage_kw(stage):
+    return {"f": 2} if stage == "nnm" else {}
+
+
+@pytest.mark.parametrize("stage", ["nnm", "bucketing", "clip"])
+def test_one_present_row_through_stages(stage):
+    x = np.random.default_rng(25).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[3] = 1.3
+    x[w == 0] = np.nan
+    x[3] *= 3 / np.linalg.norm(x[3])
+    out, _, info = _apply(make("mean", pre=[stage], **_stage_kw(stage)), x, w)
+    scale = 1 / 3 if stage == "clip" else 1  # clip (clip_norm=1) scales the row to norm 1
+    _close(np.asarray(out), x[3] * scale)
+    _close(np.asarray(info.weight), np.eye(11)[3] * scale)
+
+
 def test_bulyan_without_f_is_the_mean():
     # f = 0 (its default): θ = β = m, every present row is selected and kept
     x = np.random.default_rng(26).standard_normal((6, 5)).astype(np.float32)

@@ -108,7 +108,9 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
     For each present row ``i``: ``impact_i = M(w + A(all)) - M(w + A(all but i))`` with
     ``M`` the metric on the judge's data and ``A`` the base rule (``all but i`` = weight 0).
     The ``f`` rows with the largest impact (the ones whose inclusion hurts most) are
-    removed, and the base rule aggregates the rest.
+    removed, and the base rule aggregates the rest. Non-finite rows are removed besides
+    (they are not among the ``f``); of the finite present rows at most all but one are
+    removed, so one present row is the base rule's input.
     """
     ops.check(f >= 0, f"{name}: f must be >= 0, got {f}")
     inner = make(base, **base_kw)
@@ -131,7 +133,8 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
         without = jax.vmap(lambda i: score(run(w.at[i].set(0))))(jnp.arange(n))
         impact = _bad_last(with_all - without, ok)
         # rank by impact descending among usable rows; non-finite rows are dropped anyway
-        drop = ops.ranks(-jnp.where(ok, impact, -jnp.inf)) < f
+        removed = jnp.minimum(f, jnp.maximum(jnp.sum(ok) - 1, 0))
+        drop = ops.ranks(-jnp.where(ok, impact, -jnp.inf)) < removed
         kept = jnp.where(ok & ~drop, w, 0)
         out, state, info = inner.aggregate(updates, kept, state, ctx)
         return out, state, info

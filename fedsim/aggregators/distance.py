@@ -404,7 +404,9 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
     top right singular vector. The good set is the intersection over iterations; output =
     its uniform mean. The singular vector comes from an exact eigendecomposition of the
     ``[n, n]`` Gram matrix of the centred rows. Non-finite rows score +inf (removed first).
-    AggInfo.weight: ``1/|good|`` on each kept client.
+    Corners: an iteration removes at most ``m - 1`` rows, so one present row is the output;
+    an empty intersection gives 0 with zero weights. AggInfo.weight: ``1/|good|`` on each
+    kept client.
     """
     removed = int(c * f)
     ops.check(iters >= 1 and sub_dim >= 1, "dnc: iters and sub_dim must be >= 1")
@@ -414,12 +416,13 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
         ops.check(removed < n, f"dnc: removes c*f={removed} rows but n={n}")
         present = ops.present_mask(weights)
         ok = ops.finite_rows(updates)
+        drop = jnp.minimum(removed, jnp.maximum(_count(present) - 1, 0))
         good = present
         for key in jax.random.split(ctx.key, iters):
             cols = coordinate_subset(key, d, sub_dim)
             scores = dnc_scores(updates[:, cols], present & ok)
             scores = jnp.where(present, jnp.where(ok, scores, jnp.inf), -jnp.inf)
-            good = good & (ops.ranks(-scores) >= removed)
+            good = good & (ops.ranks(-scores) >= drop)
         share = normalized(good.astype(updates.dtype))
         return ops.combine(share, updates, good, ok), state, AggInfo(weight=share)
 
