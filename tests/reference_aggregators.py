@@ -384,10 +384,14 @@ def ref_nnm(x, w, f=0):
     n = len(w)
     present = [i for i in range(n) if w[i] > 0]
     q = max(len(present) - f, 1)
-    rows, mix = x.copy(), np.zeros((n, n))
+    rows, mix = x.copy(), np.eye(n)  # non-finite rows pass unchanged
     for i in present:
+        if not _finite(x[i]):
+            continue
         near = sorted(present, key=lambda j: (_sq_dist(x[i], x[j]), j))[:q]
-        mix[i, near] = 1 / q
+        near = [j for j in near if _finite(x[j])]  # fewer than q finite: those there are
+        mix[i] = 0
+        mix[i, near] = 1 / len(near)
         rows[i] = x[near].mean(axis=0)
     return rows, np.asarray(w, np.float64), mix
 

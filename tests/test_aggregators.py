@@ -447,6 +447,69 @@ def test_meamed_of_two_rows_is_their_mean():
     _close(np.asarray(info.weight), [0.5, 0.5, 0], 1e-6)
 
 
+def _root_update(env, root_lr=0.05, steps=2):
+    p = env.glob.astype(np.float64)
+    for _ in range(steps):
+        p = p - root_lr * ref.linear_grad(p, env.jx, env.jy)
+    return p - env.glob
+
+
+def _adversarial(kind, env):
+    """Rows chosen to break weight bookkeeping; 11 rows of 6, rows 0 and 10 absent."""
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((11, 6)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, 11).astype(np.float32)
+    root = _root_update(env)
+    if kind == "tiny":  # tiny norms, along the root update (FLTrust trusts them fully)
+        x[4] = 1e-8 * root / np.linalg.norm(root)
+        x[5] = 1e-8 * x[5] / np.linalg.norm(x[5])
+        x[6] = 0
+    elif kind == "huge":  # squared norms overflow float32; row 6's products too
+        x[4], x[5], x[6] = 1e20, -1e20 * root / np.linalg.norm(root), 3e38
+    elif kind == "nan":
+        x[4], x[5, 2], x[6, 0] = np.nan, np.inf, -np.inf
+    elif kind == "duplicates":
+        x[1:7] = x[1]
+    elif kind == "one":
+        w[:] = 0
+        w[3] = 1.0
+    w[[0, 10]] = 0
+    x[w == 0] = np.nan
+    return x, w
+
+
+ADVERSARIAL = ["tiny", "huge", "nan", "duplicates", "one"]
+
+
+def _assert_shares(weight, w):
+    assert np.all(np.isfinite(weight)) and np.all(weight >= 0), weight
+    assert weight.sum() <= 1 + 1e-6, weight
+    assert np.all(weight[w == 0] == 0), weight
+
+
+@pytest.mark.parametrize("stage", ["nnm", "bucketing", "clip"])
+def test_weights_are_shares_through_stages(stage):
+    env = _env(6)
+    agg = make("median", pre=[stage], **_stage_kw(stage))
+    for kind in ADVERSARIAL:
+        x, w = _adversarial(kind, env)
+        _, _, info = _apply(agg, x, w)
+        _assert_shares(np.asarray(info.weight, np.float64), w)
+
+
+def test_nnm_mixes_only_finite_present_rows():
+    # 3 non-finite rows for f = 2: a row's m - f nearest include one at +inf, which was
+    # the lowest-index row at +inf, an absent one here (mixed in as 0)
+    x, w = _adversarial("nan", _env(6))
+    stage = PRE.make("nnm", f=2)
+    ctx = AggContext(jnp.zeros(6), KEY, {})
+    rows, _, _, mix = jax.jit(stage.apply)(jnp.asarray(x), jnp.asarray(w), (), ctx)
+    want_rows, _, want_mix = ref.ref_nnm(x, w, 2)
+    finite = np.all(np.isfinite(x), axis=1)
+    _close(np.asarray(mix), want_mix)
+    _close(np.asarray(rows)[finite], want_rows[finite])
+
+
 # --- static checks -------------------------------------------------------------------------
 
 

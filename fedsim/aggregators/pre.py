@@ -69,8 +69,9 @@ def make_nnm(f: int = 0) -> PreAggregator:
 
     Each present finite row becomes the mean of its ``m - f`` nearest present rows in L2
     (itself included; ties in distance go to the lower index; at least 1). Distances from
-    one Gram matrix. Non-finite rows are nobody's neighbour while enough finite rows remain
-    and pass unchanged, for the rule to exclude. Absent rows stay absent.
+    one Gram matrix. Non-finite rows are nobody's neighbour, and pass unchanged, for the
+    rule to exclude: with fewer than ``m - f`` finite present rows a row mixes the finite
+    ones. Absent rows stay absent and are nobody's neighbour.
     """
     ops.check(f >= 0, f"nnm: f must be >= 0, got {f}")
 
@@ -79,7 +80,7 @@ def make_nnm(f: int = 0) -> PreAggregator:
         ok = present & ops.finite_rows(updates)
         dist = ops.pairwise_sq_dists(updates, ok)
         q = jnp.maximum(jnp.sum(present) - f, 1)
-        near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None]
+        near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None] & ok[None, :]
         mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
         mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
         rows = jnp.where(ok[:, None], ops.combine(mix, updates, ok), updates)
