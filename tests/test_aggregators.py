@@ -191,6 +191,9 @@ def _data(n, d, seed, kind="normal"):
         x[1::3] = x[0]
     elif kind == "equal":
         x = np.tile(rng.standard_normal(d).astype(np.float32), (n, 1))
+    elif kind == "zero_rows":  # nothing to clip: shrink factor 1
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        x[[1, 4]] = 0
     else:
         x = rng.standard_normal((n, d)).astype(np.float32)
     w = rng.uniform(0.5, 2.0, n).astype(np.float32)
@@ -204,7 +207,7 @@ def test_every_rule_has_a_case():
 
 
 SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2), (11, 6, 0, 2)]
-EDGES = ["ties", "duplicates", "equal"]
+EDGES = ["ties", "duplicates", "equal", "zero_rows"]
 
 
 def _close(a, b, tol=2e-4):

@@ -325,8 +325,10 @@ def distances_to(x, sq, v):
 
 
 def clip_factor(norms, tau):
-    """``min(1, τ / norm)``, 0 for an infinite or NaN norm."""
-    return jnp.where(jnp.isfinite(norms), jnp.minimum(1.0, ops.safe_div(tau, norms)), 0.0)
+    """``min(1, τ / norm)``: 1 for a norm of 0 (nothing to shrink), 0 for an infinite or NaN
+    norm."""
+    shrink = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1), 1.0)
+    return jnp.where(jnp.isfinite(norms), shrink, 0.0)
 
 
 @REGISTRY.register("centered_clipping", traced=("tau",))

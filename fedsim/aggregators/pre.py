@@ -51,13 +51,13 @@ def _no_state(flat_params, n_clients):
 def make_clip(clip_norm: float = 1.0) -> PreAggregator:
     """Static-threshold clipping: each finite row scaled to norm at most ``clip_norm``
     (traced, ``hparams["clip_norm"]``). Non-finite rows pass unchanged, for the rule to
-    exclude. mix = diag(shrink factor)."""
+    exclude. mix = diag(shrink factor), 1 for a zero row (nothing to shrink)."""
 
     def apply(updates, weights, state, ctx: AggContext):
         tau = ctx.hparams.get("clip_norm", clip_norm)
         ok = ops.finite_rows(updates)
         norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), 0)
-        scale = jnp.where(ok, jnp.minimum(1.0, ops.safe_div(tau, norms)), 1.0)
+        scale = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1), 1.0)
         return updates * scale[:, None], weights, state, jnp.diag(scale)
 
     return PreAggregator(init=_no_state, apply=apply)
