@@ -24,7 +24,7 @@ def _scatter(n, idx, values):
 
 
 def _sort_key(v):
-    return math.inf if math.isnan(v) else v
+    return (1, 0.0) if math.isnan(v) else (0, v)  # NaN after everything, +inf included
 
 
 def _shares(values, picked):
@@ -328,6 +328,7 @@ def linear_grad(p, x, y):
 
 
 def ref_fltrust(x, w, glob, jx, jy, root_lr=0.1, steps=1):
+    """Output Σ TS_i (|g0|/|x_i|) x_i / Σ TS; weight: the share of trust TS_i / Σ TS."""
     x = np.asarray(x, np.float64)
     p = np.asarray(glob, np.float64)
     for _ in range(steps):
@@ -340,10 +341,12 @@ def ref_fltrust(x, w, glob, jx, jy, root_lr=0.1, steps=1):
         if w[i] > 0 and np.all(np.isfinite(x[i])):
             ni = np.linalg.norm(x[i])
             trust[i] = max(0.0, x[i] @ root / (ni * rn)) if ni > 0 and rn > 0 else 0.0
+    share = trust / trust.sum() if trust.sum() > 0 else trust
     for i in range(len(w)):
         if trust[i] > 0:
-            coef[i] = trust[i] / trust.sum() * rn / np.linalg.norm(x[i])
-    return sum((coef[i] * x[i] for i in range(len(w)) if coef[i] > 0), np.zeros(x.shape[1])), coef
+            coef[i] = share[i] * rn / np.linalg.norm(x[i])
+    out = sum((coef[i] * x[i] for i in range(len(w)) if coef[i] > 0), np.zeros(x.shape[1]))
+    return out, share
 
 
 def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
@@ -352,10 +355,15 @@ def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
     base = linear_loss(glob, jx, jy)
     score = {
         i: base - linear_loss(glob + gamma * x[i], jx, jy) - rho * float(x[i] @ x[i])
+        if _finite(x[i])
+        else -math.inf  # a non-finite row ranks last, and is never kept
         for i in present
     }
     keep = sorted(present, key=lambda i: (-score[i], i))[: max(len(present) - b, 1)]
+    keep = [i for i in keep if _finite(x[i])]
     weight = np.zeros(len(w))
+    if not keep:
+        return np.zeros(x.shape[1]), weight
     weight[keep] = 1 / len(keep)
     return x[keep].mean(axis=0), weight
 
@@ -363,6 +371,7 @@ def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
 def ref_loss_rejection(x, w, glob, jx, jy, f=0, metric=linear_loss):
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
+    w = np.where([_finite(r) for r in x], w, 0)  # non-finite rows are removed besides the f
     present = [i for i in range(len(w)) if w[i] > 0]
     with_all = metric(glob + ref_mean(x, w)[0], jx, jy)
     impact = {}

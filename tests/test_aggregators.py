@@ -275,6 +275,17 @@ def test_translation_equivariance(name):
     _close(out_s, out + shift, 1e-3)
 
 
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_matches_reference_with_non_finite_rows(name):
+    # more non-finite rows (NaN, +inf, -inf entries) than f: no rule may select one
+    env = _env(6)
+    x, w = _adversarial("nan", env)
+    out, weight = _run(name, x, w, 2, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, 2)
+    _close(out, want_out)
+    _close(weight, want_weight)
+
+
 @pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].subset])
 def test_zero_weight_rows_are_removed_rows(name):
     x, w = _data(15, 9, 7)
@@ -490,6 +501,16 @@ def _assert_shares(weight, w):
     assert np.all(weight[w == 0] == 0), weight
 
 
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_weights_are_shares(name, kind):
+    # AggInfo.weight feeds malicious_weight / honest_weight: shares of the aggregate
+    env = _env(6)
+    x, w = _adversarial(kind, env)
+    _, weight = _run(name, x, w, 2, env)
+    _assert_shares(weight, w)
+
+
 @pytest.mark.parametrize("stage", ["nnm", "bucketing", "clip"])
 def test_weights_are_shares_through_stages(stage):
     env = _env(6)
@@ -498,6 +519,19 @@ def test_weights_are_shares_through_stages(stage):
         x, w = _adversarial(kind, env)
         _, _, info = _apply(agg, x, w)
         _assert_shares(np.asarray(info.weight, np.float64), w)
+
+
+def test_fltrust_gives_no_trust_to_a_row_overflowing_float32():
+    # its cosine is inf / inf: a NaN trust made every share 0 and the output 0
+    env = _env(6)
+    x, w = _adversarial("duplicates", env)
+    x[1:7] = np.random.default_rng(30).standard_normal((6, 6))
+    out, weight = _run("fltrust", x, w, 2, env)
+    x[5] = 3e38
+    out_huge, weight_huge = _run("fltrust", x, w, 2, env)
+    _close(out_huge, out)
+    _close(weight_huge, weight)
+    assert weight[5] == 0 and weight.sum() > 0.99
 
 
 def test_nnm_mixes_only_finite_present_rows():
