@@ -547,6 +547,44 @@ def test_nnm_mixes_only_finite_present_rows():
     _close(np.asarray(rows)[finite], want_rows[finite])
 
 
+def _near_convergence():
+    """8 rows within ~1e-4 of a point of norm 100, where |x|² - 2x·v + |v|² cancels."""
+    rng = np.random.default_rng(28)
+    v = rng.standard_normal(50)
+    v *= 100 / np.linalg.norm(v)
+    x = (v + 1e-4 * rng.standard_normal((8, 50))).astype(np.float32)
+    return x, np.ones(8, np.float32)
+
+
+def test_distances_near_convergence():
+    from fedsim.aggregators.distance import distances_to
+
+    x, _ = _near_convergence()
+    center = x.mean(0) + np.float32(1e-5)
+    got = np.asarray(jax.jit(distances_to)(jnp.asarray(x), jnp.asarray(center)))
+    want = np.linalg.norm(x.astype(np.float64) - center.astype(np.float64), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_geometric_median_near_convergence():
+    x, w = _near_convergence()
+    env = _env(50)
+    out, weight = _run("geometric_median", x, w, 0, env)
+    want, want_weight = ref.ref_geometric_median(x, w, 60)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)  # the rows spread ~1e-4
+    np.testing.assert_allclose(weight, want_weight, rtol=1e-2)
+
+
+def test_centered_clipping_near_convergence():
+    x, w = _near_convergence()
+    prev = x.mean(0) + np.float32(1e-5)
+    agg = make("centered_clipping", tau=1e-4)
+    out, _, info = _apply(agg, x, w, jnp.asarray(prev))
+    want, want_weight = ref.ref_centered_clipping(x, w, 1e-4, 1, prev=prev)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(info.weight), want_weight, rtol=1e-2)
+
+
 # --- static checks -------------------------------------------------------------------------
 
 
@@ -729,7 +767,8 @@ def test_combine_ignores_unkept_rows_even_non_finite(monkeypatch, entries, coef_
     shape = (7,) if coef_rows is None else (coef_rows, 7)
     coef = rng.random(shape).astype(np.float32)
     want = np.where(keep, coef, 0).astype(np.float64) @ np.where(keep[:, None], x, 0)
-    fn = jax.jit(ops.combine)
+    # a fresh trace: jax.jit(ops.combine) would reuse an earlier parameter's block width
+    fn = jax.jit(lambda *a: ops.combine(*a))
     got = np.asarray(fn(jnp.asarray(coef), jnp.asarray(x), jnp.asarray(keep)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # every row kept or known finite: the plain product, same result
@@ -747,13 +786,16 @@ def test_row_sq_norms_count_each_column_once(monkeypatch, entries):
     x = rng.standard_normal((5, 1001)).astype(np.float32)  # last block shifted left
     x[3, 17] = np.nan
     x[4, 1000] = np.inf
-    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x)))
+    x[4, 750] = np.inf  # covered again by the shifted last block, where it must not be NaN
+    norms = jax.jit(lambda *a: ops.row_sq_norms(*a))  # a fresh trace, at this block width
+    got = np.asarray(norms(jnp.asarray(x)))
     want = (x.astype(np.float64) ** 2).sum(axis=1)
     np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5)
     assert np.isnan(got[3]) and got[4] == np.inf
     # around a center equal to row 0: exactly 0 there, no cancellation
     center = x[0].copy()
-    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x), jnp.asarray(center)))
+    got = np.asarray(norms(jnp.asarray(x), jnp.asarray(center)))
     want = ((x.astype(np.float64) - center) ** 2).sum(axis=1)
     assert got[0] == 0.0
     np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-5)
+    assert np.isnan(got[3]) and got[4] == np.inf
