@@ -729,7 +729,8 @@ def test_gram_by_upper_blocks_matches_full_product(monkeypatch, entries):
     np.testing.assert_array_equal(got, got.T)
 
 
-def test_iterated_krum_matches_direct_passes():
+@pytest.mark.parametrize("f", [4, 0])  # at f = 0 the passes run to the last row left
+def test_iterated_krum_matches_direct_passes(f):
     # the incremental masks must pick what Krum recomputed from scratch on the rows left
     from fedsim.aggregators.distance import iterated_krum
 
@@ -738,21 +739,26 @@ def test_iterated_krum_matches_direct_passes():
     x[3] = np.nan
     present = np.ones(23, bool)
     present[[5, 17]] = False
-    f = 4
-    got = np.asarray(iterated_krum(jnp.asarray(x), jnp.asarray(present), f, 23 - 2 - 2 * f))
+    count = 23 - 2 - 2 * f
+    passes = jax.jit(iterated_krum, static_argnums=2)
+    got = np.asarray(passes(jnp.asarray(x), jnp.asarray(present), f, count))
     ok = present & np.all(np.isfinite(x), axis=1)
     d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
     left, picked = set(np.flatnonzero(present)), set()
-    for _ in range(23 - 2 - 2 * f):
-        k = max(len(left) - f - 2, 1)
+    for _ in range(count):
+        k = min(max(len(left) - f - 2, 1), len(left) - 1)  # the last row left scores 0
         scores = {}
         for i in left:
             near = sorted(d[i, j] if ok[j] else np.inf for j in left if j != i)
             scores[i] = sum(near[:k]) if ok[i] and len(near) >= k else np.inf
-        best = min(left, key=lambda i: (scores[i], i))
+        candidates = [i for i in left if ok[i]]  # a non-finite row is never picked
+        if not candidates:
+            break
+        best = min(candidates, key=lambda i: (scores[i], i))
         picked.add(best)
         left.remove(best)
     assert set(np.flatnonzero(got)) == picked
+    assert f > 0 or picked == set(np.flatnonzero(ok))
 
 
 @pytest.mark.parametrize("entries", [None, 7 * 256])  # one block; blocks of 256 columns
