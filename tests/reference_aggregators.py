@@ -24,7 +24,7 @@ def _scatter(n, idx, values):
 
 
 def _sort_key(v):
-    return math.inf if math.isnan(v) else v
+    return (1, 0.0) if math.isnan(v) else (0, v)  # NaN after everything, +inf included
 
 
 def _shares(values, picked):
@@ -84,6 +84,8 @@ def _coordinatewise(x, w, fn):
 
 def ref_mean(x, w):
     w = np.asarray(w, np.float64)
+    if w.sum() == 0:  # no present row: no update
+        return np.zeros(np.shape(x)[1]), np.zeros(len(w))
     share = w / w.sum()
     return sum(share[i] * np.asarray(x[i], np.float64) for i in range(len(w)) if w[i] > 0), share
 
@@ -109,7 +111,13 @@ def _sq_dist(a, b):
     return float(np.sum((a - b) ** 2))
 
 
+def _finite(row):
+    return bool(np.all(np.isfinite(row)))
+
+
 def krum_scores(xp, f, among=None):
+    """Blanchard et al.: the sum of squared distances to the ``k = max(m - f - 2, 1)``
+    nearest others; with fewer others (a lone row) the sum is over those there are."""
     m = len(xp) if among is None else len(among)
     among = list(range(len(xp))) if among is None else among
     k = max(m - f - 2, 1)
@@ -124,21 +132,29 @@ def krum_scores(xp, f, among=None):
 
 
 def ref_krum(x, w, f=0):
+    """The lowest-scoring finite row (ties to the lowest index); 0 if there is none."""
     xp, idx = _present(x, w)
     scores = krum_scores(xp, f)
-    best = min(scores, key=lambda i: (scores[i], i))
+    candidates = [i for i in scores if _finite(xp[i])]
     weight = np.zeros(len(idx))
+    if not candidates:
+        return np.zeros(xp.shape[1]), _scatter(len(w), idx, weight)
+    best = min(candidates, key=lambda i: (scores[i], i))
     weight[best] = 1
     return xp[best], _scatter(len(w), idx, weight)
 
 
 def ref_multi_krum(x, w, f=0, m=None):
+    """The mean of the ``q`` lowest-scoring finite rows (fewer if fewer are finite)."""
     xp, idx = _present(x, w)
     scores = krum_scores(xp, f)
     q = max(len(xp) - f, 1) if m is None else min(m, len(xp))
-    chosen = sorted(scores, key=lambda i: (scores[i], i))[:q]
+    candidates = [i for i in scores if _finite(xp[i])]
+    chosen = sorted(candidates, key=lambda i: (scores[i], i))[:q]
     weight = np.zeros(len(idx))
-    weight[chosen] = 1 / q
+    if not chosen:
+        return np.zeros(xp.shape[1]), _scatter(len(w), idx, weight)
+    weight[chosen] = 1 / len(chosen)
     return np.mean(xp[chosen], axis=0), _scatter(len(w), idx, weight)
 
 
@@ -147,9 +163,10 @@ def ref_bulyan(x, w, f=0):
     left, chosen = list(range(len(xp))), []
     for _ in range(max(len(xp) - 2 * f, 1)):
         scores = krum_scores(xp, f, among=left)
-        best = min(left, key=lambda i: (scores[i], i))
-        if not math.isfinite(scores[best]) and not np.all(np.isfinite(xp[best])):
+        candidates = [i for i in left if _finite(xp[i])]
+        if not candidates:
             break
+        best = min(candidates, key=lambda i: (scores[i], i))
         chosen.append(best)
         left.remove(best)
     chosen.sort()
@@ -213,8 +230,8 @@ def ref_norm_bound(x, w, max_norm=1.0):
 def ref_dnc(x, w, f=0, c=1.0, cols_per_iter=()):
     x = np.asarray(x, np.float64)
     n = len(w)
-    removed = int(c * f)
     present = [i for i in range(n) if w[i] > 0]
+    removed = min(int(c * f), len(present) - 1)  # one present row always stays
     good = set(present)
     for cols in cols_per_iter:
         ok = [i for i in present if np.all(np.isfinite(x[i]))]
@@ -228,6 +245,8 @@ def ref_dnc(x, w, f=0, c=1.0, cols_per_iter=()):
         good -= set(worst)
     good = sorted(good)
     weight = np.zeros(n)
+    if not good:  # the iterations removed every row between them
+        return np.zeros(x.shape[1]), weight
     weight[good] = 1 / len(good)
     return x[good].mean(axis=0), weight
 
@@ -309,6 +328,7 @@ def linear_grad(p, x, y):
 
 
 def ref_fltrust(x, w, glob, jx, jy, root_lr=0.1, steps=1):
+    """Output Σ TS_i (|g0|/|x_i|) x_i / Σ TS; weight: the share of trust TS_i / Σ TS."""
     x = np.asarray(x, np.float64)
     p = np.asarray(glob, np.float64)
     for _ in range(steps):
@@ -321,10 +341,12 @@ def ref_fltrust(x, w, glob, jx, jy, root_lr=0.1, steps=1):
         if w[i] > 0 and np.all(np.isfinite(x[i])):
             ni = np.linalg.norm(x[i])
             trust[i] = max(0.0, x[i] @ root / (ni * rn)) if ni > 0 and rn > 0 else 0.0
+    share = trust / trust.sum() if trust.sum() > 0 else trust
     for i in range(len(w)):
         if trust[i] > 0:
-            coef[i] = trust[i] / trust.sum() * rn / np.linalg.norm(x[i])
-    return sum((coef[i] * x[i] for i in range(len(w)) if coef[i] > 0), np.zeros(x.shape[1])), coef
+            coef[i] = share[i] * rn / np.linalg.norm(x[i])
+    out = sum((coef[i] * x[i] for i in range(len(w)) if coef[i] > 0), np.zeros(x.shape[1]))
+    return out, share
 
 
 def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
@@ -333,10 +355,15 @@ def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
     base = linear_loss(glob, jx, jy)
     score = {
         i: base - linear_loss(glob + gamma * x[i], jx, jy) - rho * float(x[i] @ x[i])
+        if _finite(x[i])
+        else -math.inf  # a non-finite row ranks last, and is never kept
         for i in present
     }
     keep = sorted(present, key=lambda i: (-score[i], i))[: max(len(present) - b, 1)]
+    keep = [i for i in keep if _finite(x[i])]
     weight = np.zeros(len(w))
+    if not keep:
+        return np.zeros(x.shape[1]), weight
     weight[keep] = 1 / len(keep)
     return x[keep].mean(axis=0), weight
 
@@ -344,6 +371,7 @@ def ref_zeno(x, w, glob, jx, jy, b=0, rho=5e-4, gamma=1.0):
 def ref_loss_rejection(x, w, glob, jx, jy, f=0, metric=linear_loss):
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
+    w = np.where([_finite(r) for r in x], w, 0)  # non-finite rows are removed besides the f
     present = [i for i in range(len(w)) if w[i] > 0]
     with_all = metric(glob + ref_mean(x, w)[0], jx, jy)
     impact = {}
@@ -351,7 +379,7 @@ def ref_loss_rejection(x, w, glob, jx, jy, f=0, metric=linear_loss):
         w2 = w.copy()
         w2[i] = 0
         impact[i] = with_all - metric(glob + ref_mean(x, w2)[0], jx, jy)
-    drop = sorted(present, key=lambda i: (-impact[i], i))[:f]
+    drop = sorted(present, key=lambda i: (-impact[i], i))[: min(f, len(present) - 1)]
     w3 = w.copy()
     w3[drop] = 0
     return ref_mean(x, w3)
@@ -365,10 +393,14 @@ def ref_nnm(x, w, f=0):
     n = len(w)
     present = [i for i in range(n) if w[i] > 0]
     q = max(len(present) - f, 1)
-    rows, mix = x.copy(), np.zeros((n, n))
+    rows, mix = x.copy(), np.eye(n)  # non-finite rows pass unchanged
     for i in present:
+        if not _finite(x[i]):
+            continue
         near = sorted(present, key=lambda j: (_sq_dist(x[i], x[j]), j))[:q]
-        mix[i, near] = 1 / q
+        near = [j for j in near if _finite(x[j])]  # fewer than q finite: those there are
+        mix[i] = 0
+        mix[i, near] = 1 / len(near)
         rows[i] = x[near].mean(axis=0)
     return rows, np.asarray(w, np.float64), mix
 

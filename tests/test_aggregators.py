@@ -131,9 +131,18 @@ def _options(name, f):
     return {k: (f if v == "F" else v) for k, v in CASES[name].kw.items()}
 
 
-@functools.cache
+def _uses_f(name):
+    return "F" in CASES[name].kw.values()
+
+
 def _jitted(name, f, n_clients):
-    agg = make(name, **_options(name, f))
+    # rules without an f share one compiled function across the tests' values of f
+    return _compiled(name, f if _uses_f(name) else None, n_clients)
+
+
+@functools.cache
+def _compiled(name, f, n_clients):
+    agg = make(name, **_options(name, f or 0))
 
     @jax.jit
     def run(x, w, key, glob, jx, jy, hparams):
@@ -182,6 +191,9 @@ def _data(n, d, seed, kind="normal"):
         x[1::3] = x[0]
     elif kind == "equal":
         x = np.tile(rng.standard_normal(d).astype(np.float32), (n, 1))
+    elif kind == "zero_rows":  # nothing to clip: shrink factor 1
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        x[[1, 4]] = 0
     else:
         x = rng.standard_normal((n, d)).astype(np.float32)
     w = rng.uniform(0.5, 2.0, n).astype(np.float32)
@@ -194,8 +206,8 @@ def test_every_rule_has_a_case():
     assert sorted(CASES) == REGISTRY.names()
 
 
-SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2)]
-EDGES = ["ties", "duplicates", "equal"]
+SHAPES = [(11, 6, 2, 0), (11, 6, 2, 1), (15, 9, 2, 2), (11, 6, 0, 2)]
+EDGES = ["ties", "duplicates", "equal", "zero_rows"]
 
 
 def _close(a, b, tol=2e-4):
@@ -240,13 +252,15 @@ def test_smallest_n_for_f(name):
     _close(weight, want_weight)
 
 
-@pytest.mark.parametrize("name", REGISTRY.names())
-def test_permutation_invariance(name):
+@pytest.mark.parametrize(
+    "name, f", [(n, f) for n in REGISTRY.names() for f in ((2, 0) if _uses_f(n) else (2,))]
+)
+def test_permutation_invariance(name, f):
     x, w = _data(11, 6, 5)
     env = _env(6)
     perm = np.random.default_rng(0).permutation(11)
-    out, weight = _run(name, x, w, 2, env)
-    out_p, weight_p = _run(name, x[perm], w[perm], 2, env)
+    out, weight = _run(name, x, w, f, env)
+    out_p, weight_p = _run(name, x[perm], w[perm], f, env)
     _close(out, out_p, 1e-4)
     _close(weight[perm], weight_p, 1e-4)
 
@@ -259,6 +273,17 @@ def test_translation_equivariance(name):
     out, _ = _run(name, x, w, 2, env)
     out_s, _ = _run(name, x + shift, w, 2, env)
     _close(out_s, out + shift, 1e-3)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_matches_reference_with_non_finite_rows(name):
+    # more non-finite rows (NaN, +inf, -inf entries) than f: no rule may select one
+    env = _env(6)
+    x, w = _adversarial("nan", env)
+    out, weight = _run(name, x, w, 2, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, 2)
+    _close(out, want_out)
+    _close(weight, want_weight)
 
 
 @pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].subset])
@@ -340,6 +365,224 @@ def test_foolsgold_history_follows_client_ids():
     want, want_w = ref.ref_foolsgold(x[::-1], w, history=x)
     _close(np.asarray(out), want)
     _close(np.asarray(info.weight), want_w)
+
+
+# --- corners: few present rows, weights as shares, distances near convergence --------------
+
+
+@pytest.mark.parametrize(
+    "name, m, f",
+    [
+        (n, m, f)
+        for n in REGISTRY.names()
+        for m in (1, 2, 3)
+        for f in ((0, 2) if _uses_f(n) else (0,))
+    ],
+)
+def test_few_present_rows(name, m, f):
+    # dropouts or a small peer-to-peer neighbourhood: the counts derived from m meet their
+    # clamps (Krum's neighbours, Bulyan's θ and β, DnC's and the rejections' removals)
+    if name == "dnc" and m == 2 and f > 0:
+        pytest.skip("the two centred rows score exactly alike; float32 noise breaks the tie")
+    x = np.random.default_rng(24).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[[3, 7, 9][:m]] = [1.5, 0.7, 1.0][:m]
+    x[w == 0] = np.nan
+    env = _env(6)
+    out, weight = _run(name, x, w, f, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, f)
+    _close(out, want_out)
+    _close(weight, want_weight)
+
+
+# With one present row the output is that row, weight one-hot, except where the rule's
+# definition says otherwise (then the reference's value is checked instead):
+LONE_ROW_EXCEPTIONS = {
+    "centered_clipping": "clips around its previous aggregate (zeros at first): τ-steps to x",
+    "norm_bound": "scales the row to norm at most max_norm",
+    "fltrust": "rescales the row to |g0|, and drops it if its cosine with g0 is <= 0",
+}
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_one_present_row(name):
+    x = np.random.default_rng(25).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[3] = 1.3
+    x[w == 0] = np.nan
+    env = _env(6)
+    lone = np.zeros(11)
+    lone[3] = 1
+    for f in (0, 2) if _uses_f(name) else (0,):
+        out, weight = _run(name, x, w, f, env)
+        want_out, want_weight = CASES[name].ref(x, w, env, f)
+        if name not in LONE_ROW_EXCEPTIONS:
+            _close(want_out, x[3])  # the reference follows the same convention
+            _close(want_weight, lone)
+        _close(out, want_out)
+        _close(weight, want_weight)
+
+
+def _stage_kw(stage):
+    return {"f": 2} if stage == "nnm" else {}
+
+
+@pytest.mark.parametrize("stage", ["nnm", "bucketing", "clip"])
+def test_one_present_row_through_stages(stage):
+    x = np.random.default_rng(25).standard_normal((11, 6)).astype(np.float32)
+    w = np.zeros(11, np.float32)
+    w[3] = 1.3
+    x[w == 0] = np.nan
+    x[3] *= 3 / np.linalg.norm(x[3])
+    out, _, info = _apply(make("mean", pre=[stage], **_stage_kw(stage)), x, w)
+    scale = 1 / 3 if stage == "clip" else 1  # clip (clip_norm=1) scales the row to norm 1
+    _close(np.asarray(out), x[3] * scale)
+    _close(np.asarray(info.weight), np.eye(11)[3] * scale)
+
+
+def test_bulyan_without_f_is_the_mean():
+    # f = 0 (its default): θ = β = m, every present row is selected and kept
+    x = np.random.default_rng(26).standard_normal((6, 5)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    env = _env(5)
+    _close(ref.ref_bulyan(x, w, 0)[0], x.mean(0))
+    for rows in (x, x[::-1]):
+        out, weight = _run("bulyan", rows, w, 0, env)
+        _close(out, x.mean(0))
+        _close(weight, np.full(6, 1 / 6))
+
+
+def test_meamed_of_two_rows_is_their_mean():
+    # q = m - f = 1 of 2 values: both are equally close to their median, a tie entered
+    # through their average; measured from the rounded midpoint, float32 picked one
+    x = np.random.default_rng(29).standard_normal((3, 300)).astype(np.float32)
+    out, _, info = _apply(make("meamed", f=1), x, np.array([1, 1, 0], np.float32))
+    _close(np.asarray(out), (x[0].astype(np.float64) + x[1]) / 2, 1e-6)
+    _close(np.asarray(info.weight), [0.5, 0.5, 0], 1e-6)
+
+
+def _root_update(env, root_lr=0.05, steps=2):
+    p = env.glob.astype(np.float64)
+    for _ in range(steps):
+        p = p - root_lr * ref.linear_grad(p, env.jx, env.jy)
+    return p - env.glob
+
+
+def _adversarial(kind, env):
+    """Rows chosen to break weight bookkeeping; 11 rows of 6, rows 0 and 10 absent."""
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((11, 6)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, 11).astype(np.float32)
+    root = _root_update(env)
+    if kind == "tiny":  # tiny norms, along the root update (FLTrust trusts them fully)
+        x[4] = 1e-8 * root / np.linalg.norm(root)
+        x[5] = 1e-8 * x[5] / np.linalg.norm(x[5])
+        x[6] = 0
+    elif kind == "huge":  # squared norms overflow float32; row 6's products too
+        x[4], x[5], x[6] = 1e20, -1e20 * root / np.linalg.norm(root), 3e38
+    elif kind == "nan":
+        x[4], x[5, 2], x[6, 0] = np.nan, np.inf, -np.inf
+    elif kind == "duplicates":
+        x[1:7] = x[1]
+    elif kind == "one":
+        w[:] = 0
+        w[3] = 1.0
+    w[[0, 10]] = 0
+    x[w == 0] = np.nan
+    return x, w
+
+
+ADVERSARIAL = ["tiny", "huge", "nan", "duplicates", "one"]
+
+
+def _assert_shares(weight, w):
+    assert np.all(np.isfinite(weight)) and np.all(weight >= 0), weight
+    assert weight.sum() <= 1 + 1e-6, weight
+    assert np.all(weight[w == 0] == 0), weight
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_weights_are_shares(name, kind):
+    # AggInfo.weight feeds malicious_weight / honest_weight: shares of the aggregate
+    env = _env(6)
+    x, w = _adversarial(kind, env)
+    _, weight = _run(name, x, w, 2, env)
+    _assert_shares(weight, w)
+
+
+@pytest.mark.parametrize("stage", ["nnm", "bucketing", "clip"])
+def test_weights_are_shares_through_stages(stage):
+    env = _env(6)
+    agg = make("median", pre=[stage], **_stage_kw(stage))
+    for kind in ADVERSARIAL:
+        x, w = _adversarial(kind, env)
+        _, _, info = _apply(agg, x, w)
+        _assert_shares(np.asarray(info.weight, np.float64), w)
+
+
+def test_fltrust_gives_no_trust_to_a_row_overflowing_float32():
+    # its cosine is inf / inf: a NaN trust made every share 0 and the output 0
+    env = _env(6)
+    x, w = _adversarial("duplicates", env)
+    x[1:7] = np.random.default_rng(30).standard_normal((6, 6))
+    out, weight = _run("fltrust", x, w, 2, env)
+    x[5] = 3e38
+    out_huge, weight_huge = _run("fltrust", x, w, 2, env)
+    _close(out_huge, out)
+    _close(weight_huge, weight)
+    assert weight[5] == 0 and weight.sum() > 0.99
+
+
+def test_nnm_mixes_only_finite_present_rows():
+    # 3 non-finite rows for f = 2: a row's m - f nearest include one at +inf, which was
+    # the lowest-index row at +inf, an absent one here (mixed in as 0)
+    x, w = _adversarial("nan", _env(6))
+    stage = PRE.make("nnm", f=2)
+    ctx = AggContext(jnp.zeros(6), KEY, {})
+    rows, _, _, mix = jax.jit(stage.apply)(jnp.asarray(x), jnp.asarray(w), (), ctx)
+    want_rows, _, want_mix = ref.ref_nnm(x, w, 2)
+    finite = np.all(np.isfinite(x), axis=1)
+    _close(np.asarray(mix), want_mix)
+    _close(np.asarray(rows)[finite], want_rows[finite])
+
+
+def _near_convergence():
+    """8 rows within ~1e-4 of a point of norm 100, where |x|² - 2x·v + |v|² cancels."""
+    rng = np.random.default_rng(28)
+    v = rng.standard_normal(50)
+    v *= 100 / np.linalg.norm(v)
+    x = (v + 1e-4 * rng.standard_normal((8, 50))).astype(np.float32)
+    return x, np.ones(8, np.float32)
+
+
+def test_distances_near_convergence():
+    from fedsim.aggregators.distance import distances_to
+
+    x, _ = _near_convergence()
+    center = x.mean(0) + np.float32(1e-5)
+    got = np.asarray(jax.jit(distances_to)(jnp.asarray(x), jnp.asarray(center)))
+    want = np.linalg.norm(x.astype(np.float64) - center.astype(np.float64), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_geometric_median_near_convergence():
+    x, w = _near_convergence()
+    env = _env(50)
+    out, weight = _run("geometric_median", x, w, 0, env)
+    want, want_weight = ref.ref_geometric_median(x, w, 60)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)  # the rows spread ~1e-4
+    np.testing.assert_allclose(weight, want_weight, rtol=1e-2)
+
+
+def test_centered_clipping_near_convergence():
+    x, w = _near_convergence()
+    prev = x.mean(0) + np.float32(1e-5)
+    agg = make("centered_clipping", tau=1e-4)
+    out, _, info = _apply(agg, x, w, jnp.asarray(prev))
+    want, want_weight = ref.ref_centered_clipping(x, w, 1e-4, 1, prev=prev)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(info.weight), want_weight, rtol=1e-2)
 
 
 # --- static checks -------------------------------------------------------------------------
@@ -486,7 +729,8 @@ def test_gram_by_upper_blocks_matches_full_product(monkeypatch, entries):
     np.testing.assert_array_equal(got, got.T)
 
 
-def test_iterated_krum_matches_direct_passes():
+@pytest.mark.parametrize("f", [4, 0])  # at f = 0 the passes run to the last row left
+def test_iterated_krum_matches_direct_passes(f):
     # the incremental masks must pick what Krum recomputed from scratch on the rows left
     from fedsim.aggregators.distance import iterated_krum
 
@@ -495,21 +739,26 @@ def test_iterated_krum_matches_direct_passes():
     x[3] = np.nan
     present = np.ones(23, bool)
     present[[5, 17]] = False
-    f = 4
-    got = np.asarray(iterated_krum(jnp.asarray(x), jnp.asarray(present), f, 23 - 2 - 2 * f))
+    count = 23 - 2 - 2 * f
+    passes = jax.jit(iterated_krum, static_argnums=2)
+    got = np.asarray(passes(jnp.asarray(x), jnp.asarray(present), f, count))
     ok = present & np.all(np.isfinite(x), axis=1)
     d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
     left, picked = set(np.flatnonzero(present)), set()
-    for _ in range(23 - 2 - 2 * f):
-        k = max(len(left) - f - 2, 1)
+    for _ in range(count):
+        k = min(max(len(left) - f - 2, 1), len(left) - 1)  # the last row left scores 0
         scores = {}
         for i in left:
             near = sorted(d[i, j] if ok[j] else np.inf for j in left if j != i)
             scores[i] = sum(near[:k]) if ok[i] and len(near) >= k else np.inf
-        best = min(left, key=lambda i: (scores[i], i))
+        candidates = [i for i in left if ok[i]]  # a non-finite row is never picked
+        if not candidates:
+            break
+        best = min(candidates, key=lambda i: (scores[i], i))
         picked.add(best)
         left.remove(best)
     assert set(np.flatnonzero(got)) == picked
+    assert f > 0 or picked == set(np.flatnonzero(ok))
 
 
 @pytest.mark.parametrize("entries", [None, 7 * 256])  # one block; blocks of 256 columns
@@ -524,7 +773,8 @@ def test_combine_ignores_unkept_rows_even_non_finite(monkeypatch, entries, coef_
     shape = (7,) if coef_rows is None else (coef_rows, 7)
     coef = rng.random(shape).astype(np.float32)
     want = np.where(keep, coef, 0).astype(np.float64) @ np.where(keep[:, None], x, 0)
-    fn = jax.jit(ops.combine)
+    # a fresh trace: jax.jit(ops.combine) would reuse an earlier parameter's block width
+    fn = jax.jit(lambda *a: ops.combine(*a))
     got = np.asarray(fn(jnp.asarray(coef), jnp.asarray(x), jnp.asarray(keep)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # every row kept or known finite: the plain product, same result
@@ -542,13 +792,16 @@ def test_row_sq_norms_count_each_column_once(monkeypatch, entries):
     x = rng.standard_normal((5, 1001)).astype(np.float32)  # last block shifted left
     x[3, 17] = np.nan
     x[4, 1000] = np.inf
-    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x)))
+    x[4, 750] = np.inf  # covered again by the shifted last block, where it must not be NaN
+    norms = jax.jit(lambda *a: ops.row_sq_norms(*a))  # a fresh trace, at this block width
+    got = np.asarray(norms(jnp.asarray(x)))
     want = (x.astype(np.float64) ** 2).sum(axis=1)
     np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5)
     assert np.isnan(got[3]) and got[4] == np.inf
     # around a center equal to row 0: exactly 0 there, no cancellation
     center = x[0].copy()
-    got = np.asarray(jax.jit(ops.row_sq_norms)(jnp.asarray(x), jnp.asarray(center)))
+    got = np.asarray(norms(jnp.asarray(x), jnp.asarray(center)))
     want = ((x.astype(np.float64) - center) ** 2).sum(axis=1)
     assert got[0] == 0.0
     np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-5)
+    assert np.isnan(got[3]) and got[4] == np.inf

@@ -104,12 +104,21 @@ def row_sq_norms(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """``[n]`` squared L2 norms of the rows of ``x [n, d]`` (of ``x - center [d]`` when
     given; NaN or Inf for a row holding one), summed over column blocks: 3-4x faster on
     XLA:CPU than ``sum(x * x, axis=1)``, and exact where ``|x|² - 2 x·c + |c|²`` would
-    cancel for rows close to ``center``."""
+    cancel for rows close to ``center``.
+
+    Around a center (called once per iteration by the geometric median and centred
+    clipping) each block's squared differences are summed by a matrix-vector product
+    with ones, 1.4x faster than the row reduction at n=1000, d=1e5 (the columns a block
+    covers again are zeroed first: ``inf * 0`` would be NaN). Without one, the row
+    reduction measured as fast or faster."""
     n, d = x.shape
 
     def fn(xb, fresh, *center_block):
         if center_block:
-            xb = xb - center_block[0][None]
+            diff = jnp.where(fresh[None], xb - center_block[0][None], 0)
+            return jnp.zeros((0, xb.shape[1]), x.dtype), dot(
+                diff * diff, jnp.ones_like(fresh, x.dtype)
+            )
         return jnp.zeros((0, xb.shape[1]), x.dtype), jnp.sum(jnp.where(fresh, xb * xb, 0), 1)
 
     columns = () if center is None else (center,)
@@ -375,21 +384,29 @@ def tie_share(x, present, value, share):
     return jnp.where(eq, safe_div(share, count)[None], 0)
 
 
-def median_block(x, present, m):
-    """Coordinate-wise median of the present rows: mean of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋.
+def middle_values(x, present, m):
+    """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column.
 
     One radix select finds the lower middle value; the upper one is either the same value
-    (enough copies) or the smallest value above it. Returns ``(median [B], weight [n, B])``,
-    weight = each row's share of the median.
+    (enough copies) or the smallest value above it.
     """
     m = jnp.asarray(m)
     (lo,) = select(x, present, ((m - 1) // 2)[None])
     p = present[:, None]
     enough = jnp.sum(p & (x <= lo), axis=0) >= m // 2 + 1
     hi = jnp.where(enough, lo, jnp.min(jnp.where(p & (x > lo), x, jnp.inf), axis=0))
+    return lo, hi
+
+
+def median_block(x, present, m):
+    """Coordinate-wise median of the present rows: mean of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋.
+
+    Returns ``(median [B], weight [n, B])``, weight = each row's share of the median.
+    """
+    lo, hi = middle_values(x, present, m)
     half = jnp.full_like(lo, 0.5)
     weight = tie_share(x, present, lo, half) + tie_share(x, present, hi, half)
-    return jnp.where(enough, lo, (lo + hi) / 2), weight
+    return jnp.where(lo == hi, lo, (lo + hi) / 2), weight
 
 
 def trimmed_block(x, present, m, k):
@@ -425,14 +442,19 @@ def trimmed_block(x, present, m, k):
     return total / kept, weight / kept
 
 
-def closest_block(x, present, center, q):
-    """Mean of the ``q`` present values closest to ``center [B]`` in each column.
+def closest_block(x, present, lo, hi, q):
+    """Mean of the ``q`` present values closest to the median in each column, given its two
+    middle values ``lo <= hi [B]`` (``middle_values``).
 
-    Values tied at the cut distance enter through their average, scaled to the number of
-    places left, so the result does not depend on row order. Returns ``(mean [B],
-    weight [n, B])``.
+    Distances are taken to the interval ``[lo, hi]``, which no present value lies strictly
+    inside: for every other value that is the distance to the median ``(lo + hi) / 2`` less
+    the same ``(hi - lo) / 2``, so the order is the same, while ``lo`` and ``hi`` are both
+    at 0 exactly. (Measured from the rounded midpoint, the two middle values of an even
+    count could differ by a rounding and one of them win a tie that is exact.) Values tied
+    at the cut distance enter through their average, scaled to the number of places left,
+    so the result does not depend on row order. Returns ``(mean [B], weight [n, B])``.
     """
-    dist = jnp.abs(x - center[None])
+    dist = jnp.maximum(jnp.maximum(lo[None] - x, x - hi[None]), 0)
     (cut,) = select(dist, present, q[None] - 1)
     p = present[:, None]
     inside = p & (dist < cut)

@@ -41,8 +41,12 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
     Root update ``g0``: ``steps`` (static) full-batch gradient steps of the judge on
     ``(judge_x, judge_y)`` from the global params, lr traced (``hparams["root_lr"]``),
     minus the global params. Trust ``TS_i = ReLU(cos(x_i, g0))``; each update is rescaled
-    to ``|g0|``; output ``Σ TS_i (|g0|/|x_i|) x_i / Σ TS_i``. AggInfo.weight: the coefficient
-    of each row as sent, ``TS_i / Σ TS · |g0| / |x_i|`` (so it need not sum to 1).
+    to ``|g0|``; output ``Σ TS_i (|g0|/|x_i|) x_i / Σ TS_i``. A row whose cosine is not a
+    number in float32 (its squared norm overflows) gets ``TS_i = 0``. AggInfo.weight: each
+    client's share of the trust, ``TS_i / Σ TS`` (sums to 1, or is 0 when no row is
+    trusted): the rescaling to ``|g0|`` is applied to the update, not to the share, so a
+    tiny update along ``g0`` is reported with its share of the trust, not ``|g0|/|x_i|``
+    times it.
     """
     ops.check(steps >= 1, f"fltrust: steps must be >= 1, got {steps}")
 
@@ -59,9 +63,10 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
         norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), 0)
         root_norm = jnp.linalg.norm(root)
         cos = ops.safe_div(jnp.where(ok, ops.dot(updates, root), 0), norms * root_norm)
-        trust = jnp.where(ok, jax.nn.relu(cos), 0)
-        coef = normalized(trust) * ops.safe_div(root_norm, norms)
-        return ops.combine(coef, updates, ok, finite), state, AggInfo(weight=coef)
+        trust = jnp.where(ok & jnp.isfinite(cos), jax.nn.relu(cos), 0)
+        share = normalized(trust)
+        coef = share * ops.safe_div(root_norm, norms)
+        return ops.combine(coef, updates, ok, finite), state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
 
@@ -108,7 +113,9 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
     For each present row ``i``: ``impact_i = M(w + A(all)) - M(w + A(all but i))`` with
     ``M`` the metric on the judge's data and ``A`` the base rule (``all but i`` = weight 0).
     The ``f`` rows with the largest impact (the ones whose inclusion hurts most) are
-    removed, and the base rule aggregates the rest.
+    removed, and the base rule aggregates the rest. Non-finite rows are removed besides
+    (they are not among the ``f``); of the finite present rows at most all but one are
+    removed, so one present row is the base rule's input.
     """
     ops.check(f >= 0, f"{name}: f must be >= 0, got {f}")
     inner = make(base, **base_kw)
@@ -131,7 +138,8 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
         without = jax.vmap(lambda i: score(run(w.at[i].set(0))))(jnp.arange(n))
         impact = _bad_last(with_all - without, ok)
         # rank by impact descending among usable rows; non-finite rows are dropped anyway
-        drop = ops.ranks(-jnp.where(ok, impact, -jnp.inf)) < f
+        removed = jnp.minimum(f, jnp.maximum(jnp.sum(ok) - 1, 0))
+        drop = ops.ranks(-jnp.where(ok, impact, -jnp.inf)) < removed
         kept = jnp.where(ok & ~drop, w, 0)
         out, state, info = inner.aggregate(updates, kept, state, ctx)
         return out, state, info

@@ -87,8 +87,8 @@ def _mean_around_median(updates, rows, n_rows, q):
     (``[d]``, per-client weight ``[n]``)."""
 
     def block(xb, p):
-        med, _ = ops.median_block(xb, p, n_rows)
-        return ops.closest_block(xb, p, med, q)
+        lo, hi = ops.middle_values(xb, p, n_rows)
+        return ops.closest_block(xb, p, lo, hi, q)
 
     return ops.coordinatewise(block, updates, rows)
 
@@ -121,14 +121,34 @@ def make_meamed(f: int = 0) -> Aggregator:
 
 
 def krum_scores(updates, present, f):
-    """Krum scores (Blanchard et al. 2017): for each row, the sum of squared distances to
-    its ``m - f - 2`` nearest other present rows (at least 1). Absent or non-finite rows
-    score +inf."""
+    """Krum scores (Blanchard et al. 2017) and the candidates, ``(scores [n], ok [n])``.
+
+    A row's score is the sum of squared distances to its ``m - f - 2`` nearest other
+    present rows (at least 1, at most the ``m - 1`` others: a lone present row scores 0,
+    the empty sum). Candidates (``ok``) are the finite present rows; the others score +inf,
+    and so does a candidate whose nearest others include a non-finite row."""
     ok = present & ops.finite_rows(updates)
     dist = ops.pairwise_sq_dists(updates, ok)
     others = jnp.where(jnp.eye(dist.shape[0], dtype=bool), jnp.inf, dist)
-    k = jnp.maximum(_count(present) - f - 2, 1)
-    return jnp.where(ok, ops.sum_smallest(others, k), jnp.inf)
+    m = _count(present)
+    k = jnp.maximum(m - f - 2, 1)
+    scores = jnp.where(m > 1, ops.sum_smallest(others, k), 0)
+    return jnp.where(ok, scores, jnp.inf), ok
+
+
+def lowest(scores, candidates):
+    """``(index, found)``: the candidate with the lowest score, ties (+inf included) to the
+    lowest index; ``found`` is False when there is no candidate. A plain ``argmin`` would
+    take row 0 when every score is +inf, candidate or not."""
+    least = jnp.min(jnp.where(candidates, scores, jnp.inf))
+    return jnp.argmax(candidates & (scores <= least)), jnp.any(candidates)
+
+
+def candidate_ranks(scores, candidates):
+    """``[n]`` rank of each row by score with every candidate before every other row (ties,
+    +inf included, by index)."""
+    order = jnp.lexsort((scores, ~candidates))
+    return jnp.zeros_like(order).at[order].set(jnp.arange(scores.shape[0]))
 
 
 def _check_krum(name, n, f):
@@ -141,15 +161,20 @@ def make_krum(f: int = 0) -> Aggregator:
 
     Score = sum of squared L2 distances to the ``m - f - 2`` nearest other present updates
     (the paper's count; some libraries use ``m - f - 1``). Needs ``n > 2f + 2``. Ties go to
-    the lowest row index. AggInfo.weight: one-hot on the selected client.
+    the lowest row index. Corners: fewer present rows clamp the count to at least 1 and at
+    most the ``m - 1`` others, so a lone present row scores 0 (the paper's sum over its
+    neighbours, which are none) and is the output. Only finite present rows are
+    candidates: when every candidate scores +inf (too many non-finite rows for ``f``) the
+    lowest-index candidate is taken; with no finite present row the output is 0 with zero
+    weights. AggInfo.weight: one-hot on the selected client.
     """
 
     def aggregate(updates, weights, state, ctx: AggContext):
         _check_krum("krum", updates.shape[0], f)
         present = ops.present_mask(weights)
-        best = jnp.argmin(krum_scores(updates, present, f))
-        pick = (jnp.arange(updates.shape[0]) == best) & present
-        out = jnp.where(pick.any(), updates[best], 0)
+        best, found = lowest(*krum_scores(updates, present, f))
+        pick = (jnp.arange(updates.shape[0]) == best) & found
+        out = jnp.where(found, updates[best], 0)
         return out, state, AggInfo(weight=pick.astype(updates.dtype))
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -161,8 +186,10 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
     Krum scores (scores as in ``krum``, ``m - f - 2`` neighbours).
 
     ``m`` (static) defaults to ``present - f`` (computed in-graph); it is clamped to the
-    number of present rows. Needs ``n > 2f + 2``. AggInfo.weight: ``1/m`` on each selected
-    client.
+    number of present rows. Needs ``n > 2f + 2``. Ties go to the lowest row index. Corners
+    as ``krum``: a lone present row scores 0 and is the output; only finite rows are
+    selected, so with fewer than ``m`` finite present rows the mean is over those (0 when
+    there are none). AggInfo.weight: ``1/|selected|`` on each selected client.
     """
     ops.check(m is None or m >= 1, f"multi_krum: m must be >= 1, got {m}")
 
@@ -170,12 +197,11 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
         _check_krum("multi_krum", updates.shape[0], f)
         present = ops.present_mask(weights)
         count = _count(present)
-        scores = krum_scores(updates, present, f)
+        scores, ok = krum_scores(updates, present, f)
         q = jnp.maximum(count - f, 1) if m is None else jnp.minimum(m, count)
-        chosen = present & (ops.ranks(scores) < q)
+        chosen = ok & (candidate_ranks(scores, ok) < q)
         share = normalized(chosen.astype(updates.dtype))
-        finite = jnp.isfinite(scores)  # a finite score means a finite row
-        out = ops.combine(share, updates, chosen, finite)
+        out = ops.combine(share, updates, chosen, ok)
         return out, state, AggInfo(weight=share)
 
     return Aggregator(init=_no_state, aggregate=aggregate)
@@ -183,8 +209,11 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
 
 def iterated_krum(updates, present, f, count):
     """Bulyan's selection: apply Krum ``count`` times, removing each pick (El Mhamdi et al.
-    2018). Each Krum runs on the rows left, with ``left - f - 2`` neighbours. Returns the
-    ``[n]`` bool mask of picked rows.
+    2018). Each Krum runs on the rows left, with ``left - f - 2`` neighbours clamped as in
+    ``krum_scores`` (at least 1, at most the ``left - 1`` others: the last row left scores
+    0 and is picked). Each pass picks among the finite rows left (lowest score, ties to the
+    lowest index); it picks nothing once none is left. Returns the ``[n]`` bool mask of
+    picked rows.
 
     The distances are computed once and each row's neighbours sorted once; a pass then
     costs O(n²): a score is the sum of a row's first ``k`` sorted entries still available,
@@ -198,19 +227,20 @@ def iterated_krum(updates, present, f, count):
     order = jnp.argsort(others, axis=1, stable=True)
     srt = jnp.take_along_axis(others, order, axis=1)
     where_is = jnp.zeros_like(order).at[cols[:, None], order].set(cols[None, :])
-    avail = present[order]  # [i, r]: the r-th nearest row of i is still a candidate
-    seen = jnp.cumsum(avail, axis=1, dtype=jnp.int32)  # candidates among the r nearest
+    # [i, r]: the r-th nearest other row of i is still left (i itself never counts)
+    avail = present[order] & (order != cols[:, None])
+    seen = jnp.cumsum(avail, axis=1, dtype=jnp.int32)  # rows left among the r nearest
 
     def body(t, carry):
         picked, avail, seen = carry
         left = present & ~picked
-        k = jnp.maximum(_count(left) - f - 2, 1)
+        n_left = _count(left)
+        k = jnp.minimum(jnp.maximum(n_left - f - 2, 1), n_left - 1)
         use = avail & (seen <= k)
         total = jnp.sum(jnp.where(use, srt, 0), axis=1)
         total = jnp.where(seen[:, -1] >= k, total, jnp.inf)  # too few others: inf, as Krum
-        scores = jnp.where(left & ok, total, jnp.inf)
-        best = jnp.argmin(scores)
-        take = (t < count) & left[best] & ok[best]
+        best, found = lowest(total, left & ok)
+        take = (t < count) & found
         at = jnp.where(take, where_is[:, best], n)[:, None]  # best's place in each row
         avail = avail & (cols[None, :] != at)
         seen = seen - (cols[None, :] >= at)
@@ -227,8 +257,11 @@ def make_bulyan(f: int = 0) -> Aggregator:
     Select ``θ = m - 2f`` updates by iterated Krum (each round removes its pick), then per
     coordinate average the ``β = θ - 2f`` selected values closest to the selected values'
     median (ties at the cut enter through their average). Needs ``n ≥ 4f + 3``; with fewer
-    present clients θ and β are clamped to at least 1. AggInfo.weight: ``1/β`` per kept
-    value, averaged over coordinates (zero for unselected clients).
+    present clients θ and β are clamped to at least 1. Iterated Krum picks only finite
+    rows, and the last row left scores 0 (see ``iterated_krum``), so with ``f = 0`` (the
+    default) every finite present row is selected and kept: the uniform mean; one present
+    row is the output. AggInfo.weight: ``1/β`` per kept value, averaged over coordinates
+    (zero for unselected clients).
     """
 
     def aggregate(updates, weights, state, ctx: AggContext):
@@ -266,11 +299,10 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
         eps = ctx.hparams.get("nu", nu)
         ok = ops.finite_rows(updates)
         alpha = normalized(jnp.where(ok, weights, 0).astype(updates.dtype))
-        sq = ops.row_sq_norms(updates)
 
         def step(_, carry):
             v, _ = carry
-            dist = jnp.where(ok, distances_to(updates, sq, v), jnp.inf)
+            dist = jnp.where(ok, distances_to(updates, v), jnp.inf)
             beta = normalized(alpha / jnp.maximum(eps, dist))
             return ops.combine(beta, updates, ok), beta
 
@@ -281,19 +313,27 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
     return Aggregator(init=_no_state, aggregate=aggregate)
 
 
-def distances_to(x, sq, v):
-    """``[n]`` L2 distances from the rows of ``x`` (squared norms ``sq``) to ``v``.
+def distances_to(x, v):
+    """``[n]`` L2 distances from the rows of ``x [n, d]`` to ``v [d]`` (NaN for a row
+    holding NaN or Inf).
 
-    ``|x_i|² - 2 x_i·v + |v|²`` (clamped at 0), as the pairwise distances: one
-    matrix-vector product, where ``norm(x - v, axis=1)`` makes XLA's CPU backend run a
-    slow row reduction over a broadcast difference (about 4x the time).
+    The squared differences are summed around ``v`` (``ops.row_sq_norms(x, v)``, one pass
+    over column blocks; ``norm(x - v, axis=1)`` runs a slow row reduction over a broadcast
+    difference on XLA:CPU). The expanded ``|x_i|² - 2 x_i·v + |v|²``, one matrix-vector
+    product, ran about 2x faster at n=1000, d=1e5 but is not used: near convergence the
+    rows are close to ``v`` and its float32 cancellation error, about ``1e-7 |x_i|²``,
+    dwarfs the distances (and ν): at ``|v| = 100`` with rows ``1e-4`` apart it returned 0
+    or noise. (Computing each new point and its distances in one pass over the rows was
+    measured too: no faster than the two passes, the kernels being compute-bound.)
     """
-    return jnp.sqrt(jnp.maximum(sq - 2 * ops.dot(x, v) + ops.dot(v, v), 0))
+    return jnp.sqrt(ops.row_sq_norms(x, v))
 
 
 def clip_factor(norms, tau):
-    """``min(1, τ / norm)``, 0 for an infinite or NaN norm."""
-    return jnp.where(jnp.isfinite(norms), jnp.minimum(1.0, ops.safe_div(tau, norms)), 0.0)
+    """``min(1, τ / norm)``: 1 for a norm of 0 (nothing to shrink), 0 for an infinite or NaN
+    norm."""
+    shrink = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1), 1.0)
+    return jnp.where(jnp.isfinite(norms), shrink, 0.0)
 
 
 @REGISTRY.register("centered_clipping", traced=("tau",))
@@ -315,11 +355,10 @@ def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
         t = ctx.hparams.get("tau", tau)
         ok = ops.finite_rows(updates)
         share = normalized(ops.present_mask(weights).astype(updates.dtype))
-        sq = ops.row_sq_norms(updates)
 
         def step(_, carry):
             v, a, w = carry
-            c = share * clip_factor(distances_to(updates, sq, v), t)
+            c = share * clip_factor(distances_to(updates, v), t)
             c = jnp.where(ok, c, 0)
             keep = 1 - jnp.sum(c)
             return keep * v + ops.combine(c, updates, ok), keep * a, keep * w + c
@@ -371,7 +410,9 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
     top right singular vector. The good set is the intersection over iterations; output =
     its uniform mean. The singular vector comes from an exact eigendecomposition of the
     ``[n, n]`` Gram matrix of the centred rows. Non-finite rows score +inf (removed first).
-    AggInfo.weight: ``1/|good|`` on each kept client.
+    Corners: an iteration removes at most ``m - 1`` rows, so one present row is the output;
+    an empty intersection gives 0 with zero weights. AggInfo.weight: ``1/|good|`` on each
+    kept client.
     """
     removed = int(c * f)
     ops.check(iters >= 1 and sub_dim >= 1, "dnc: iters and sub_dim must be >= 1")
@@ -381,12 +422,13 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
         ops.check(removed < n, f"dnc: removes c*f={removed} rows but n={n}")
         present = ops.present_mask(weights)
         ok = ops.finite_rows(updates)
+        drop = jnp.minimum(removed, jnp.maximum(_count(present) - 1, 0))
         good = present
         for key in jax.random.split(ctx.key, iters):
             cols = coordinate_subset(key, d, sub_dim)
             scores = dnc_scores(updates[:, cols], present & ok)
             scores = jnp.where(present, jnp.where(ok, scores, jnp.inf), -jnp.inf)
-            good = good & (ops.ranks(-scores) >= removed)
+            good = good & (ops.ranks(-scores) >= drop)
         share = normalized(good.astype(updates.dtype))
         return ops.combine(share, updates, good, ok), state, AggInfo(weight=share)
 

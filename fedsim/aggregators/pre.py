@@ -51,13 +51,13 @@ def _no_state(flat_params, n_clients):
 def make_clip(clip_norm: float = 1.0) -> PreAggregator:
     """Static-threshold clipping: each finite row scaled to norm at most ``clip_norm``
     (traced, ``hparams["clip_norm"]``). Non-finite rows pass unchanged, for the rule to
-    exclude. mix = diag(shrink factor)."""
+    exclude. mix = diag(shrink factor), 1 for a zero row (nothing to shrink)."""
 
     def apply(updates, weights, state, ctx: AggContext):
         tau = ctx.hparams.get("clip_norm", clip_norm)
         ok = ops.finite_rows(updates)
         norms = jnp.where(ok, jnp.sqrt(ops.row_sq_norms(updates)), 0)
-        scale = jnp.where(ok, jnp.minimum(1.0, ops.safe_div(tau, norms)), 1.0)
+        scale = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1), 1.0)
         return updates * scale[:, None], weights, state, jnp.diag(scale)
 
     return PreAggregator(init=_no_state, apply=apply)
@@ -69,8 +69,9 @@ def make_nnm(f: int = 0) -> PreAggregator:
 
     Each present finite row becomes the mean of its ``m - f`` nearest present rows in L2
     (itself included; ties in distance go to the lower index; at least 1). Distances from
-    one Gram matrix. Non-finite rows are nobody's neighbour while enough finite rows remain
-    and pass unchanged, for the rule to exclude. Absent rows stay absent.
+    one Gram matrix. Non-finite rows are nobody's neighbour, and pass unchanged, for the
+    rule to exclude: with fewer than ``m - f`` finite present rows a row mixes the finite
+    ones. Absent rows stay absent and are nobody's neighbour.
     """
     ops.check(f >= 0, f"nnm: f must be >= 0, got {f}")
 
@@ -79,7 +80,7 @@ def make_nnm(f: int = 0) -> PreAggregator:
         ok = present & ops.finite_rows(updates)
         dist = ops.pairwise_sq_dists(updates, ok)
         q = jnp.maximum(jnp.sum(present) - f, 1)
-        near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None]
+        near = (jax.vmap(ops.ranks)(dist) < q) & ok[:, None] & ok[None, :]
         mix = near / jnp.maximum(jnp.sum(near, 1, keepdims=True), 1)
         mix = jnp.where(ok[:, None], mix, jnp.eye(updates.shape[0]))
         rows = jnp.where(ok[:, None], ops.combine(mix, updates, ok), updates)
