@@ -28,9 +28,10 @@ LossFn = Callable[..., Array]
 class AggInfo(NamedTuple):
     """What a rule did, per client.
 
-    weight: ``[n]`` non-negative contribution of each client's update (as sent) to the
-        aggregate. For a rule whose output is a convex combination of the rows (mean,
-        Krum, Multi-Krum, FLTrust after rescaling is accounted, ...) it sums to 1. For
+    weight: ``[n]`` non-negative share of each client in the aggregate; it sums to at most
+        1. For a rule whose output is a convex combination of the rows (mean, Krum,
+        Multi-Krum, ...) it sums to 1; for FLTrust it is the share of trust
+        ``TS_i / sum TS`` (the rescaling to the root update's norm acts on the update). For
         clipping rules, it is the normalised weight times the shrink factor applied to the
         row (so clipping shows up as lost weight). For coordinate-wise rules (median,
         trimmed mean, Bulyan, ...) it is the fraction of coordinates at which the row's
