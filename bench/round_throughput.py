@@ -4,7 +4,7 @@ For m clients per round (MNIST, MLP 784-100-10, batch 32, 1 or 10 local SGD step
 partition over ``data.n_clients = m`` clients, aggregator ``mean``, no attack) this times,
 in one run and on the same machine:
 
-- fedsim: ``lax.scan`` of ``engine.make_round`` over R rounds, jitted, state donated, on
+- fedsim: ``lax.scan`` of ``make_round`` over R rounds, jitted, state donated, on
   device data; plus its sub-programs (local training only = the vmapped
   ``client.make_local_train`` as in ``make_round``; training + ravel to ``[m, d]``; the
   aggregation alone) so the table shows where the round's time goes;
@@ -47,10 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsim import engine
 from fedsim.client import LocalSpec, cross_entropy, make_local_train, n_local_steps
 from fedsim.config import load_config, to_spec
 from fedsim.data import load
+from fedsim.round import make_init, make_round
+from fedsim.setup import components, prepare
 from fedsim.types import AggContext
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_throughput.json"
@@ -115,7 +116,7 @@ def make_setup(m: int, steps: int, aggregator: str = "mean", attack: str = "none
         *extra,
     ]
     spec, hparams = to_spec(load_config(None, overrides))
-    return engine.prepare(spec), hparams
+    return prepare(spec), hparams
 
 
 def client_schedule(setup) -> tuple[np.ndarray, np.ndarray]:
@@ -132,13 +133,13 @@ def client_schedule(setup) -> tuple[np.ndarray, np.ndarray]:
 
 def scanned_rounds(setup, hparams, rounds: int):
     """(jitted ``state -> state`` of ``rounds`` scanned fused rounds, initial state)."""
-    round_step = engine.make_round(setup)
+    round_step = make_round(setup)
 
     def many(state, hp, data):
         state, _ = jax.lax.scan(lambda s, _: round_step(s, hp, data), state, None, length=rounds)
         return state
 
-    state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(0), hparams)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
     return jax.jit(many, donate_argnums=0), state
 
 
@@ -163,7 +164,7 @@ def time_fedsim_parts(setup, hparams, repeats: int) -> dict:
     local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps, spec.client_optimizer)
     train = make_local_train(setup.module.apply, local)
     axes = (None, None, None, 0, 0, None, 0, None, 0)
-    agg, _ = engine.components(setup)
+    agg, _ = components(setup)
     params = setup.init_params(jax.random.PRNGKey(0))
     hp = {"lr": hparams.client_lr, "momentum": hparams.client_momentum, "attack": {}}
     key = jax.random.PRNGKey(1)

@@ -59,8 +59,11 @@ def child(n_clients: int, participants: int, rounds: int, memory_gb: float | Non
     """Run one setting in this process; returns its figures."""
     import jax
 
-    from fedsim import engine, memory
+    from fedsim import memory
     from fedsim.config import load_config, to_spec
+    from fedsim.layout import with_layout
+    from fedsim.round import make_chunk, make_init
+    from fedsim.setup import prepare
 
     big = n_clients > MNIST_TRAIN
     if big:
@@ -78,12 +81,12 @@ def child(n_clients: int, participants: int, rounds: int, memory_gb: float | Non
         over.append("data.partition={name: iid}")
     spec, hp = to_spec(load_config(ROOT / "configs" / "default.yaml", over))
     t0 = time.perf_counter()
-    setup = engine.prepare(spec)
+    setup = prepare(spec)
     prep = time.perf_counter() - t0
     plan = memory.plan(setup, 1, memory.budget_bytes(memory_gb))
-    setup = engine.with_layout(setup, client_chunk=plan.client_chunk)
-    state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(0), hp)
-    chunk = jax.jit(engine.make_chunk(setup, rounds), donate_argnums=0)
+    setup = with_layout(setup, client_chunk=plan.client_chunk)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    chunk = jax.jit(make_chunk(setup, rounds), donate_argnums=0)
     t0 = time.perf_counter()
     state, m = chunk(state, hp, setup.data)
     jax.block_until_ready(m)

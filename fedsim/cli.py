@@ -169,10 +169,12 @@ def _layout(setup, args, n_runs: int = 1):
 def cmd_list() -> int:
     from fedsim import aggregators, attacks, models
     from fedsim.data import PARTITIONS, REGISTRY
+    from fedsim.data.group_partition import GROUP_PARTITIONS
 
     for title, reg in [
         ("datasets", REGISTRY),
         ("partitions", PARTITIONS),
+        ("partitions by the data's own groups", GROUP_PARTITIONS),
         ("models", models.REGISTRY),
         ("aggregators", aggregators.REGISTRY),
         ("attacks", attacks.REGISTRY),
@@ -247,22 +249,22 @@ def _baseline_accuracy(cfg: dict) -> dict:
 def cmd_run(args) -> int:
     import jax
 
-    from fedsim import engine
     from fedsim.config import dump, load_config, to_spec
     from fedsim.io import write_atomic, write_json
+    from fedsim.setup import prepare
 
     cfg = load_config(args.config, args.set, args.seed)
     spec, hparams = to_spec(cfg)
     out = _out_dir(args)
     _start_distributed(args)
-    setup = _layout(engine.prepare(spec), args)  # may refuse (memory) before writing
+    setup = _layout(prepare(spec), args)  # may refuse (memory) before writing
     created = [p for p in (out, *out.parents) if not p.exists()]
     moved = _set_aside(out) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     try:
         write_atomic(out / "config.yaml", dump(cfg))
-        summary, history = _simulate(engine, setup, hparams, cfg, metrics_path, args)
+        summary, history = _simulate(setup, hparams, cfg, metrics_path, args)
     except ConfigError:
         # a check only the first trace of the round makes: leave the folder as it was
         for name in ("config.yaml", "metrics.jsonl"):
@@ -283,21 +285,23 @@ def cmd_run(args) -> int:
     write_json(out / "summary.json", summary)
     shutil.rmtree(out / PREVIOUS, ignore_errors=True)
     final = history[-1]
-    acc = final["test_accuracy"]
-    note = " (diverged: the aggregate became non-finite)" if summary["diverged"] else ""
+    main = setup.task.main_metric
+    value = final.get(main)
+    note = " (diverged: the model became non-finite)" if summary["diverged"] else ""
     print(
-        f"round {final['round']}: test accuracy {acc if acc is None else round(acc, 4)}, "
-        f"{final['seconds']:.1f} s{note} -> {out}"
+        f"round {final['round']}: {main.removeprefix('test_').replace('_', ' ')} "
+        f"{value if value is None else round(value, 4)}, {final['seconds']:.1f} s{note} -> {out}"
     )
     return 0
 
 
-def _simulate(engine, setup, hparams, cfg, metrics_path, args):
+def _simulate(setup, hparams, cfg, metrics_path, args):
     """Run the simulation, appending each evaluation to ``metrics_path``; returns the
     summary (without the device) and the history."""
     from tqdm import tqdm
 
     from fedsim.io import append_jsonl
+    from fedsim.runner import run, summarize
 
     spec = setup.spec
     bar = tqdm(total=spec.rounds, unit="round", disable=args.quiet, file=sys.stderr)
@@ -305,25 +309,27 @@ def _simulate(engine, setup, hparams, cfg, metrics_path, args):
 
     baseline = _baseline_accuracy(cfg)
 
+    main = setup.task.main_metric  # test_accuracy, or test_r2 for regression
+    short = main.removeprefix("test_")
+
     def on_eval(record):
-        if record["round"] in baseline and record["test_accuracy"] is not None:
-            record["accuracy_drop"] = baseline[record["round"]] - record["test_accuracy"]
+        acc = record.get("test_accuracy")
+        if record["round"] in baseline and acc is not None:
+            record["accuracy_drop"] = baseline[record["round"]] - acc
         append_jsonl(metrics_path, record)
         rate = (record["round"] - last["round"]) / max(record["seconds"] - last["seconds"], 1e-9)
         bar.update(record["round"] - last["round"])
-        acc = record["test_accuracy"]
-        bar.set_postfix(acc="nan" if acc is None else f"{acc:.4f}", rounds_s=f"{rate:.1f}")
+        value = record.get(main)
+        bar.set_postfix(
+            {short: "nan" if value is None else f"{value:.4f}", "rounds_s": f"{rate:.1f}"}
+        )
         last.update(record)
 
-    history = engine.run(setup, hparams, cfg["seed"], on_eval=on_eval)
+    history = run(setup, hparams, cfg["seed"], on_eval=on_eval)
     bar.close()
-    accs = [r["test_accuracy"] for r in history if r["test_accuracy"] is not None]
     summary = {
         "rounds": spec.rounds,
-        "final": history[-1],
-        "best_test_accuracy": max(accs) if accs else None,
-        "diverged": not all(r["finite"] for r in history),
-        "seconds": history[-1]["seconds"],
+        **summarize(history, main),
         "n_params": setup.n_params,
         "seed": cfg["seed"],
     }

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsim.models import to_float
 from fedsim.registry import ConfigError
+from fedsim.task import cross_entropy
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -42,6 +42,7 @@ class LocalSpec(NamedTuple):
     steps: int | None  # step mode when set
     optimizer: str = "sgd"
     min_count: int = 1  # smallest client's sample count (bounds the epochs step mode needs)
+    x_scale: float = 1.0 / 255.0  # the model sees x.astype(float32) * x_scale
 
     def epochs_bound(self) -> int:
         """Most epochs any client can start: the data orders shuffled up front."""
@@ -57,17 +58,12 @@ def n_local_steps(spec: LocalSpec, count):
     return spec.epochs * ((count + spec.batch_size - 1) // spec.batch_size)
 
 
-def cross_entropy(logits, labels, mask):
-    """Mean softmax cross-entropy over the rows where ``mask`` is 1."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def make_local_train(apply_fn, spec: LocalSpec, poison=None):
+def make_local_train(apply_fn, spec: LocalSpec, poison=None, loss=cross_entropy):
     """Build ``local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp,
     is_malicious) -> update`` for one client.
 
-    params: the global params pytree; data_x uint8 ``[N, ...]``, data_y int32 ``[N]``;
+    params: the global params pytree; data_x ``[N, ...]`` (uint8 images or float features,
+    scaled by ``spec.x_scale``), data_y ``[N]``; ``loss(outputs, y, mask)``: the task's;
     idx_row int32 ``[P]``; count, n_steps: int32 scalars (``n_steps`` is the loop bound in
     epoch mode, the same for every client of the round: steps past the client's own are
     no-ops; step mode always runs exactly ``spec.steps``);
@@ -94,7 +90,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
             poison_rank = sample_ranks(rank_key, count, idx_row.shape[0])
 
         def loss_fn(p, x, y, mask):
-            return cross_entropy(apply_fn({"params": p}, x), y, mask)
+            return loss(apply_fn({"params": p}, x), y, mask)
 
         def step(t, carry, masked, delta_only=False):
             p, opt_state = carry
@@ -102,7 +98,7 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None):
             pos = jax.lax.dynamic_slice(orders[epoch], (within * batch,), (batch,))
             mask = ((within * batch + jnp.arange(batch)) < count).astype(jnp.float32)
             rows = idx_row[pos]
-            x, y = to_float(data_x[rows]), data_y[rows]
+            x, y = data_x[rows].astype(jnp.float32) * spec.x_scale, data_y[rows]
             if poison is not None:
                 rank = jnp.where(mask > 0, poison_rank[pos], idx_row.shape[0])
                 px, py = poison(x, y, jax.random.fold_in(poison_key, t), hp["attack"], rank, count)

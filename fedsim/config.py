@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import yaml
 
 from fedsim import aggregators, attacks, models
+from fedsim import topology as topologies
 from fedsim.aggregators.pre import PRE
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
@@ -58,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": {"name": "mean"},
     "attack": {"name": "none", "fraction": 0.0},
     "judge": {"size": 0, "classes": None},
+    # Who aggregates whose updates (fedsim/topology.py): star = one server, one model.
+    "topology": {"name": "star"},
     # The adversary's proxy of the judge's data. held_out: drawn apart from the judge's and
     # the clients' data (size and classes default to the judge's); judge: the judge's own
     # samples (an omniscient adversary).
@@ -67,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Sections whose keys beyond ``name`` are the component's own options.
-OPEN_SECTIONS = {"model", "aggregator", "attack", "data.partition"}
+OPEN_SECTIONS = {"model", "aggregator", "attack", "data.partition", "topology"}
 # Keys of an open section that belong to the engine, kept when the component changes.
 ENGINE_KEYS = {"attack": ("fraction",)}
 
@@ -427,11 +430,14 @@ def _abstract_aggregate(name: str, frozen_kw, n: int, n_clients: int, judge: boo
 
 
 def _check_partition(name: str, kw: dict) -> None:
-    factory = PARTITIONS.get(name)
+    from fedsim.data.group_partition import GROUP_PARTITIONS
+
+    factory = GROUP_PARTITIONS.get(name) if name in GROUP_PARTITIONS else PARTITIONS.get(name)
     params = inspect.signature(factory).parameters
+    fixed = ("labels", "groups", "n_clients", "rng")
     for key in kw:
-        if key not in params or key in ("labels", "n_clients", "rng"):
-            valid = ", ".join(p for p in params if p not in ("labels", "n_clients", "rng"))
+        if key not in params or key in fixed:
+            valid = ", ".join(p for p in params if p not in fixed)
             raise ConfigError(
                 f"unknown option data.partition.{key} for {name!r}; "
                 f"valid options: {valid or 'none'}"
@@ -456,8 +462,10 @@ def validate(cfg: dict) -> None:
     part_name, part_kw = _component_kw(data["partition"], "data.partition")
     _check_partition(part_name, part_kw)
     model_name, model_kw = _component_kw(cfg["model"], "model")
-    _check_factory(models.REGISTRY, model_name, model_kw, "model", n_classes=10)
+    _check_factory(models.REGISTRY, model_name, model_kw, "model", n_outputs=10)
     _check_model(model_name, model_kw)
+    topo_name, topo_kw = _component_kw(cfg["topology"], "topology")
+    _check_factory(topologies.REGISTRY, topo_name, topo_kw, "topology")
     client = cfg["client"]
     _int(cfg, "client.participants", high=n_clients)
     epochs = _int(cfg, "client.local_epochs", optional=True)
@@ -582,6 +590,8 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         aggregator_kw=freeze(agg_static),
         attack=att_name,
         attack_kw=freeze(att_static),
+        topology=cfg["topology"]["name"],
+        topology_kw=freeze({k: v for k, v in cfg["topology"].items() if k != "name"}),
         judge_size=cfg["judge"]["size"],
         judge_classes=None if classes is None else tuple(classes),
         proxy_size=cfg["proxy"]["size"],

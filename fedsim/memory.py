@@ -85,12 +85,13 @@ def footprint(setup) -> Footprint:
     """Measure what the estimate needs from a Setup (shapes only: nothing is compiled)."""
     import jax
 
-    from fedsim import engine
+    from fedsim.round import make_init
+    from fedsim.setup import components
 
     spec = setup.spec
-    _, attack = engine.components(setup)
+    _, attack = components(setup)
     hp_shape = _hparams_shapes(setup)
-    state = jax.eval_shape(engine.make_init(setup), jax.random.PRNGKey(0), hp_shape)
+    state = jax.eval_shape(make_init(setup), jax.random.PRNGKey(0), hp_shape)
     d = setup.n_params
     copies = 2 + (attack.craft is not None) + 2 * bool(attack.needs_benign)
     widths = _activation_width(setup)
@@ -123,13 +124,22 @@ def _hparams_shapes(setup):
 
 
 def _activation_width(setup) -> int:
-    """Floats per sample held by a forward pass: input, hidden layers, logits."""
-    width = math.prod(setup.input_shape) + setup.n_classes
-    kw = dict(setup.spec.model_kw)
-    widths = kw.get("widths", (100,)) if setup.spec.model == "mlp" else ()
-    if setup.spec.model == "cnn":  # conv feature maps: a generous multiple of the input
-        width += 64 * math.prod(setup.input_shape)
-    return int(width + sum(widths))
+    """Floats per sample a forward pass holds: the input and every layer's output, read
+    from the model itself (flax's captured intermediates, traced abstractly)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((1, *setup.input_shape), jnp.float32)
+    params = jax.eval_shape(setup.init_params, jax.random.PRNGKey(0))
+
+    def forward(p, xb):
+        return setup.module.apply(
+            {"params": p}, xb, capture_intermediates=True, mutable=["intermediates"]
+        )
+
+    _, captured = jax.eval_shape(forward, params, x)
+    layers = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(captured))
+    return int(math.prod(setup.input_shape) + layers)
 
 
 def estimate(
@@ -201,9 +211,9 @@ def lay_out(
     """Plan memory for ``n_runs`` runs of ``setup`` and apply the plan: the client mesh
     over ``devices`` devices (``1`` = none, ``None`` = all that divide the participants)
     and the client chunk. Returns ``(setup, plan)``; refuses like :func:`plan`."""
-    from fedsim import engine
+    from fedsim.layout import client_mesh, with_layout
 
-    mesh = None if devices == 1 else engine.client_mesh(devices, setup.spec.participants)
+    mesh = None if devices == 1 else client_mesh(devices, setup.spec.participants)
     n_dev = 1 if mesh is None else mesh.devices.size
     chosen = plan(setup, n_runs, budget, n_devices=n_dev, max_batch=max_batch)
-    return engine.with_layout(setup, client_chunk=chosen.client_chunk, mesh=mesh), chosen
+    return with_layout(setup, client_chunk=chosen.client_chunk, mesh=mesh), chosen

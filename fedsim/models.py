@@ -1,9 +1,10 @@
 """Models (registry ``REGISTRY``): flax modules used functionally.
 
-``make(name, n_classes, **kw)`` returns a flax module; fedsim only ever uses
+``make(name, n_outputs, **kw)`` returns a flax module; fedsim only ever uses
 ``module.init(key, x)["params"]`` (a params pytree) and the pure
-``module.apply({"params": p}, x) -> logits [b, n_classes]``. Inputs are float32
-``[b, H, W, C]`` in [0, 1].
+``module.apply({"params": p}, x) -> outputs [b, n_outputs]`` (logits for classification,
+one value for regression: the ``Task`` says). Inputs are float32 ``[b, ...]``: images
+``[b, H, W, C]`` in [0, 1] or feature vectors ``[b, F]`` (the dataset scales them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from fedsim.registry import Registry
 
@@ -19,19 +19,20 @@ REGISTRY = Registry("model")
 
 
 class LogReg(nn.Module):
-    """Multinomial logistic regression on the flattened input."""
+    """A linear model on the flattened input: multinomial logistic regression under a
+    classification task, linear regression under a regression task."""
 
-    n_classes: int
+    n_outputs: int
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.n_classes)(x.reshape(x.shape[0], -1))
+        return nn.Dense(self.n_outputs)(x.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
     """Fully connected ReLU network; ``widths`` are the hidden layer sizes."""
 
-    n_classes: int
+    n_outputs: int
     widths: Sequence[int] = (100,)
 
     @nn.compact
@@ -39,14 +40,14 @@ class MLP(nn.Module):
         h = x.reshape(x.shape[0], -1)
         for width in self.widths:
             h = nn.relu(nn.Dense(width)(h))
-        return nn.Dense(self.n_classes)(h)
+        return nn.Dense(self.n_outputs)(h)
 
 
 class CNN(nn.Module):
     """The 2-conv MNIST CNN of McMahan et al. 2017: conv5x5(32)-pool-conv5x5(64)-pool-
-    dense(512)-dense(n_classes), ReLU, 'SAME' padding, 2x2 max pooling."""
+    dense(512)-dense(n_outputs), ReLU, 'SAME' padding, 2x2 max pooling."""
 
-    n_classes: int
+    n_outputs: int
     channels: Sequence[int] = (32, 64)
     hidden: int = 512
 
@@ -58,28 +59,23 @@ class CNN(nn.Module):
             h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
         h = h.reshape(h.shape[0], -1)
         h = nn.relu(nn.Dense(self.hidden)(h))
-        return nn.Dense(self.n_classes)(h)
+        return nn.Dense(self.n_outputs)(h)
 
 
 @REGISTRY.register("logreg")
-def make_logreg(n_classes: int) -> nn.Module:
-    return LogReg(n_classes)
+def make_logreg(n_outputs: int) -> nn.Module:
+    return LogReg(n_outputs)
 
 
 @REGISTRY.register("mlp")
-def make_mlp(n_classes: int, widths: Sequence[int] = (100,)) -> nn.Module:
-    return MLP(n_classes, tuple(int(w) for w in widths))
+def make_mlp(n_outputs: int, widths: Sequence[int] = (100,)) -> nn.Module:
+    return MLP(n_outputs, tuple(int(w) for w in widths))
 
 
 @REGISTRY.register("cnn")
-def make_cnn(n_classes: int, channels: Sequence[int] = (32, 64), hidden: int = 512) -> nn.Module:
-    return CNN(n_classes, tuple(int(c) for c in channels), int(hidden))
+def make_cnn(n_outputs: int, channels: Sequence[int] = (32, 64), hidden: int = 512) -> nn.Module:
+    return CNN(n_outputs, tuple(int(c) for c in channels), int(hidden))
 
 
-def make(name: str, n_classes: int, **kw) -> nn.Module:
-    return REGISTRY.make(name, n_classes=n_classes, **kw)
-
-
-def to_float(x_uint8):
-    """uint8 pixels -> float32 in [0, 1]."""
-    return x_uint8.astype(jnp.float32) / 255.0
+def make(name: str, n_outputs: int, **kw) -> nn.Module:
+    return REGISTRY.make(name, n_outputs=n_outputs, **kw)

@@ -54,6 +54,8 @@ class Spec:
     proxy_source: str
     rounds: int
     eval_every: int
+    topology: str = "star"
+    topology_kw: tuple = ()
 
 
 @struct.dataclass

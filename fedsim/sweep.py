@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from fedsim.config import (
 )
 from fedsim.io import check_out_dir, write_atomic, write_json
 from fedsim.registry import ConfigError
+from fedsim.runner import balanced, run_batches, summarize
 
 SWEEP_KEYS = ("base", "grid", "zip", "seeds")
 CPU_MAX_BATCH = 1  # default cap on runs per program on CPU (see run_sweep)
@@ -232,23 +232,9 @@ def is_done(run_dir: Path) -> bool:
         return False
 
 
-def summarize(history: list[dict]) -> dict:
-    """Final and best metrics of one run's history (best accuracy = max, best loss = min,
-    attack success = its peak over evaluations)."""
-
-    def pick(name, fn):
-        values = [r[name] for r in history if r.get(name) is not None]
-        return fn(values) if values else None
-
-    out = {"final": history[-1], "diverged": not all(r.get("finite", True) for r in history)}
-    out["best_test_accuracy"] = pick("test_accuracy", max)
-    out["best_test_loss"] = pick("test_loss", min)
-    if any("attack_success_rate" in r for r in history):
-        out["peak_attack_success_rate"] = pick("attack_success_rate", max)
-    return out
-
-
-def write_run(run_dir: Path, run: RunPoint, history: list[dict], extra: dict) -> None:
+def write_run(
+    run_dir: Path, run: RunPoint, history: list[dict], extra: dict, main_metric="test_accuracy"
+) -> None:
     """Record one finished run; summary.json goes last so it marks completion."""
     write_atomic(run_dir / "config.yaml", dump(run.cfg))
     write_atomic(
@@ -260,73 +246,24 @@ def write_run(run_dir: Path, run: RunPoint, history: list[dict], extra: dict) ->
         "swept": list(run.point),
         "seed": run.cfg["seed"],
         "rounds": run.cfg["rounds"],
-        **summarize(history),
+        **summarize(history, main_metric),
         **extra,
     }
     write_json(run_dir / "summary.json", summary)
 
 
-def _stack(trees):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _balanced(n: int, cap: int) -> int:
-    """Batch size <= cap that splits n runs into ceil(n/cap) near-equal batches."""
-    n_batches = -(-n // cap)
-    return -(-n // n_batches)
-
-
 def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
-    """Run every (hparams, seed) of one group; ``batch`` runs at a time as one vmapped
-    program (the last batch is padded by repeating its last run, so one compile serves
-    all). ``on_chunk(n_runs, n_rounds)`` reports progress; ``on_batch(first, histories,
-    seconds)`` receives each finished batch at once (so a kill loses only the batch in
-    flight). Returns each run's history."""
-    import jax
+    """Run every (hparams, seed) of one group through the runner's one host loop;
+    ``on_chunk(1, n_rounds)`` reports progress per run and chunk, ``on_batch(first,
+    histories, seconds)`` each finished batch."""
+    rounds = {}
 
-    from fedsim import engine
+    def on_eval(i, record):
+        if on_chunk is not None:
+            on_chunk(1, record["round"] - rounds.get(i, 0))
+        rounds[i] = record["round"]
 
-    spec = setup.spec
-    batch = _balanced(len(seeds), batch)
-    # one run at a time: the program `fedsim run` uses (a vmap over one run would turn the
-    # rules' lax.cond fast paths into selects that run both branches)
-    over_runs = batch > 1
-    init = engine.program(setup, 0, over_runs=over_runs)
-    histories: list[list[dict]] = []
-    for start in range(0, len(seeds), batch):
-        real = len(seeds[start : start + batch])
-        idx = [min(start + j, len(seeds) - 1) for j in range(batch)]
-        if over_runs:
-            hparams = _stack([hparams_list[i] for i in idx])
-            keys = jax.numpy.stack([jax.random.PRNGKey(seeds[i]) for i in idx])
-        else:
-            hparams, keys = hparams_list[idx[0]], jax.random.PRNGKey(seeds[idx[0]])
-        state = init(keys, hparams)
-        if setup.mesh is not None:
-            state = jax.device_put(state, engine.replicated(setup.mesh))
-        part = [[] for _ in range(real)]
-        done, t0 = 0, time.perf_counter()
-        while done < spec.rounds:
-            n = min(spec.eval_every, spec.rounds - done)
-            chunk = engine.program(setup, n, over_runs=over_runs)
-            state, metrics = chunk(state, hparams, setup.data)
-            metrics = jax.device_get(metrics)
-            if not over_runs:
-                metrics = {k: [v] for k, v in metrics.items()}
-            done += n
-            seconds = time.perf_counter() - t0
-            for j in range(real):
-                row = engine.to_host({k: v[j] for k, v in metrics.items()})
-                part[j].append({"round": done, **row, "seconds": seconds})
-            if on_chunk is not None:
-                on_chunk(real, n)
-        if on_batch is not None:
-            on_batch(start, part, time.perf_counter() - t0)
-        histories.extend(part)
-    return histories
+    return run_batches(setup, hparams_list, seeds, batch, on_eval=on_eval, on_batch=on_batch)
 
 
 def group_runs(runs: list[RunPoint]) -> list[tuple[Any, list[RunPoint], list]]:
@@ -347,9 +284,10 @@ def group_runs(runs: list[RunPoint]) -> list[tuple[Any, list[RunPoint], list]]:
 def check_layout(setup, n_runs: int, budget: int, devices: int | None, max_batch: int | None):
     """Refuse (``ConfigError``) what ``memory.lay_out`` would refuse, without laying the
     data out over the devices: too few devices, or a run that does not fit the budget."""
-    from fedsim import engine, memory
+    from fedsim import memory
+    from fedsim.layout import client_mesh
 
-    mesh = None if devices == 1 else engine.client_mesh(devices, setup.spec.participants)
+    mesh = None if devices == 1 else client_mesh(devices, setup.spec.participants)
     n_dev = 1 if mesh is None else mesh.devices.size
     return memory.plan(setup, n_runs, budget, n_devices=n_dev, max_batch=max_batch)
 
@@ -368,7 +306,9 @@ def run_sweep(
     import jax
     from tqdm import tqdm
 
-    from fedsim import engine, memory
+    from fedsim import memory
+    from fedsim.layout import client_mesh
+    from fedsim.setup import prepare
 
     out = Path(out)
     check_out_dir(out, "sweep folder")
@@ -384,10 +324,10 @@ def run_sweep(
         # the group's runs one after another (`--max-batch` overrides).
         max_batch = CPU_MAX_BATCH
     if mesh_devices not in (None, 1):
-        engine.client_mesh(mesh_devices)  # refuses more devices than exist
+        client_mesh(mesh_devices)  # refuses more devices than exist
     for spec, runs, _ in groups:  # every group's data, devices and memory, before any write
         try:
-            check_layout(engine.prepare(spec), len(runs), budget, mesh_devices, max_batch)
+            check_layout(prepare(spec), len(runs), budget, mesh_devices, max_batch)
         except ConfigError as err:
             point = ", ".join(f"{k}={v}" for k, v in runs[0].point.items() if k != "seed")
             raise ConfigError(f"sweep point {point or 'base'}: {err}") from None
@@ -404,7 +344,7 @@ def run_sweep(
     )
     for g, (spec, runs, hps) in enumerate(groups):
         setup, plan = memory.lay_out(
-            engine.prepare(spec), len(runs), budget, mesh_devices, max_batch=max_batch
+            prepare(spec), len(runs), budget, mesh_devices, max_batch=max_batch
         )
         n_dev = 1 if setup.mesh is None else setup.mesh.devices.size
         bar.set_postfix_str(f"group {g + 1}/{len(groups)}, {plan.batch} runs/batch")
@@ -412,20 +352,19 @@ def run_sweep(
         on_chunk = lambda real, n, r=per_run_rounds: bar.update(real * n / r)
         extra = {
             "n_params": setup.n_params,
-            "batch": _balanced(len(runs), plan.batch),
+            "batch": balanced(len(runs), plan.batch),
             "client_chunk": plan.client_chunk,
             "devices": n_dev,
             "group_runs": len(runs),
             "device": str(jax.devices()[0]),
         }
 
-        def record(first, histories, seconds, runs=runs, extra=extra):
+        def record(first, histories, seconds, runs=runs, extra=extra, main=setup.task.main_metric):
             if not leader:
                 return
             for run, history in zip(runs[first : first + len(histories)], histories, strict=True):
-                write_run(
-                    out / "runs" / run.run_id, run, history, {**extra, "batch_seconds": seconds}
-                )
+                row = {**extra, "batch_seconds": seconds}
+                write_run(out / "runs" / run.run_id, run, history, row, main)
 
         seeds = [r.cfg["seed"] for r in runs]
         run_group(setup, hps, seeds, plan.batch, on_chunk, on_batch=record)

@@ -1,8 +1,9 @@
 """Whole-engine runs on the small `digits` dataset, shared by the attack tests that run
 the engine end to end: 20 clients, all participating, 20% of them malicious."""
 
-from fedsim import engine
+from fedsim import runner
 from fedsim.config import load_config, to_spec
+from fedsim.setup import prepare
 
 DIGITS_FEDERATION = [
     "data.name=digits",
@@ -17,4 +18,4 @@ DIGITS_FEDERATION = [
 def run_digits(*overrides: str, seed: int = 0) -> list[dict]:
     """History of one run of ``DIGITS_FEDERATION`` plus ``overrides`` (later ones win)."""
     spec, hparams = to_spec(load_config(None, [*DIGITS_FEDERATION, *overrides]))
-    return engine.run(engine.prepare(spec), hparams, seed=seed)
+    return runner.run(prepare(spec), hparams, seed=seed)

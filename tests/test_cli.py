@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedsim import runner
 from fedsim.cli import main
 from fedsim.config import DEFAULTS, load_config
 from fedsim.registry import ConfigError
@@ -266,7 +267,7 @@ def test_a_former_traceback_is_one_line_from_a_real_process(tmp_path):
 
 
 def _fake_run(interrupt_after=None, refuse=False):
-    """A stand-in for engine.run: one evaluation record per chunk, no simulation."""
+    """A stand-in for runner.run: one evaluation record per chunk, no simulation."""
 
     def run(setup, hparams, seed, on_eval=None):
         if refuse:
@@ -284,7 +285,6 @@ def _fake_run(interrupt_after=None, refuse=False):
 
 
 def test_overwrite_sets_the_old_run_aside_until_the_new_one_ends(tmp_path, monkeypatch, capsys):
-    from fedsim import engine
 
     out = tmp_path / "run"
     out.mkdir()
@@ -293,11 +293,11 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_ends(tmp_path, monke
         (out / name).write_text(text)
     args = ["run", DIGITS, "--out", str(out), "--overwrite", *FAST]
     # refused when the round is first traced: the folder is left exactly as it was
-    monkeypatch.setattr(engine, "run", _fake_run(refuse=True))
+    monkeypatch.setattr(runner, "run", _fake_run(refuse=True))
     assert main(args) == 2
     assert _listing(out) == {k: v.encode() for k, v in old.items()}
     # interrupted after one evaluation: no summary next to the new config
-    monkeypatch.setattr(engine, "run", _fake_run(interrupt_after=1))
+    monkeypatch.setattr(runner, "run", _fake_run(interrupt_after=1))
     assert main(args) == 130
     assert ".previous" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
@@ -305,7 +305,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_ends(tmp_path, monke
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert {p.name: p.read_text() for p in (out / ".previous").iterdir()} == old
     # the retry finishes: the new run alone, nothing set aside
-    monkeypatch.setattr(engine, "run", _fake_run())
+    monkeypatch.setattr(runner, "run", _fake_run())
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["final"]["round"] == 4

@@ -3,9 +3,11 @@ and traced options of pre-aggregation stages (a new clip_norm does not recompile
 
 import pytest
 
-from fedsim import engine
+from fedsim import runner
 from fedsim.config import dump, load_config, parse_override, parse_yaml, to_spec
 from fedsim.registry import ConfigError
+from fedsim.round import TRACE_COUNT
+from fedsim.setup import prepare
 from fedsim.sweep import expand, group_runs
 
 SMALL = [
@@ -153,13 +155,13 @@ def test_new_clip_norm_does_not_trace_again():
         clip = f"aggregator.pre=[{{name: clip, clip_norm: {clip_norm}}}]"
         over = [*SMALL, "rounds=1", "eval_every=1", clip]
         spec, hp = to_spec(load_config(None, over))
-        return spec, engine.run(engine.prepare(spec), hp, seed=0)
+        return spec, runner.run(prepare(spec), hp, seed=0)
 
     spec_a, tight = history(0.001)
-    traced = engine.TRACE_COUNT["round"]
+    traced = TRACE_COUNT["round"]
     spec_b, loose = history(100.0)
     assert spec_a == spec_b
-    assert engine.TRACE_COUNT["round"] == traced
+    assert TRACE_COUNT["round"] == traced
     assert tight[-1]["update_norm"] < loose[-1]["update_norm"]  # the value reached the stage
 
 

@@ -31,5 +31,8 @@ def test_missing_tfds_folder_fails_fast_with_instructions(tmp_path):
 
 
 def test_unknown_dataset_lists_choices():
-    with pytest.raises(ConfigError, match="choose one of: digits, mnist"):
+    with pytest.raises(
+        ConfigError,
+        match="choose one of: breast_cancer, diabetes, digits, driving, heart, mnist",
+    ):
         load("cifar")

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fedsim import engine
+from fedsim import runner
 from fedsim.client import LocalSpec, make_local_train
 from fedsim.config import load_config, to_spec
+from fedsim.data import load
+from fedsim.round import TRACE_COUNT, make_chunk, make_init, make_round
+from fedsim.runner import program
+from fedsim.setup import carve_held_out, prepare
 
 BASE = [
     "data.name=digits",
@@ -24,14 +28,14 @@ BASE = [
 @pytest.fixture(scope="module")
 def setup():
     spec, hparams = to_spec(load_config(None, BASE))
-    return engine.prepare(spec), hparams
+    return prepare(spec), hparams
 
 
 def test_fedavg_round_equals_numpy_weighted_mean(setup):
     setup, hparams = setup
     spec = setup.spec
-    state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(3), hparams)
-    new_state, metrics = jax.jit(engine.make_round(setup))(state, hparams, setup.data)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(3), hparams)
+    new_state, metrics = jax.jit(make_round(setup))(state, hparams, setup.data)
 
     # Rebuild the round by hand: same keys, each client trained on its own, numpy mean.
     key = jax.random.fold_in(state.rounds_key, 0)
@@ -69,36 +73,36 @@ def test_fedavg_round_equals_numpy_weighted_mean(setup):
 
 def test_other_hparams_and_seed_do_not_trace_again(setup):
     setup, hparams = setup
-    chunk = jax.jit(engine.make_chunk(setup, 2))
-    init = jax.jit(engine.make_init(setup))
+    chunk = jax.jit(make_chunk(setup, 2))
+    init = jax.jit(make_init(setup))
     state, m1 = chunk(init(jax.random.PRNGKey(0), hparams), hparams, setup.data)
-    traced = engine.TRACE_COUNT["round"]
+    traced = TRACE_COUNT["round"]
     other = hparams.replace(client_lr=jnp.float32(0.02), server_lr=jnp.float32(0.5))
     _, m2 = chunk(init(jax.random.PRNGKey(1), other), other, setup.data)
-    assert engine.TRACE_COUNT["round"] == traced
+    assert TRACE_COUNT["round"] == traced
     assert float(m1["test_loss"]) != float(m2["test_loss"])
 
 
 def test_same_seed_gives_identical_metrics(setup):
     setup, hparams = setup
-    first = engine.run(setup, hparams, seed=5)
-    second = engine.run(setup, hparams, seed=5)
+    first = runner.run(setup, hparams, seed=5)
+    second = runner.run(setup, hparams, seed=5)
     strip = lambda hist: [{k: v for k, v in r.items() if k != "seconds"} for r in hist]
     assert strip(first) == strip(second)
-    assert strip(first) != strip(engine.run(setup, hparams, seed=6))
+    assert strip(first) != strip(runner.run(setup, hparams, seed=6))
 
 
 def test_learning_happens(setup):
     setup, hparams = setup
     spec, hp = to_spec(load_config(None, BASE + ["rounds=30", "eval_every=10"]))
-    history = engine.run(engine.prepare(spec), hp, seed=0)
+    history = runner.run(prepare(spec), hp, seed=0)
     assert history[-1]["test_accuracy"] > 0.6
     assert history[-1]["test_accuracy"] > history[0]["test_accuracy"]
 
 
 def test_malicious_set_follows_fraction(setup):
     setup, hparams = setup
-    init = jax.jit(engine.make_init(setup))
+    init = jax.jit(make_init(setup))
     for fraction, expected in [(0.0, 0), (0.25, 3), (0.5, 6)]:
         state = init(jax.random.PRNGKey(0), hparams.replace(attack_fraction=jnp.float32(fraction)))
         assert int(state.malicious.sum()) == expected
@@ -106,7 +110,7 @@ def test_malicious_set_follows_fraction(setup):
 
 def _history(*overrides, seed=0):
     spec, hparams = to_spec(load_config(None, [*BASE, *overrides]))
-    return engine.run(engine.prepare(spec), hparams, seed=seed)
+    return runner.run(prepare(spec), hparams, seed=seed)
 
 
 def test_divergence_is_reported_from_the_first_evaluation():
@@ -122,20 +126,18 @@ def test_a_blow_up_in_the_last_round_is_reported():
     assert all(r["finite"] for r in history)
     # the same run whose last chunk's model overflows in the forward pass only
     spec, hparams = to_spec(load_config(None, [*BASE, "rounds=2", "eval_every=2"]))
-    setup = engine.prepare(spec)
-    state = engine.program(setup, 0)(jax.random.PRNGKey(0), hparams)
+    setup = prepare(spec)
+    state = program(setup, 0)(jax.random.PRNGKey(0), hparams)
     huge = jax.tree.map(lambda p: p * 1e30, state.params)  # finite, but logits overflow
-    _, metrics = jax.jit(engine.make_chunk(setup, 1))(
-        state._replace(params=huge), hparams, setup.data
-    )
+    _, metrics = jax.jit(make_chunk(setup, 1))(state._replace(params=huge), hparams, setup.data)
     assert not bool(metrics["finite"])
 
 
 def test_judge_proxy_and_clients_are_disjoint():
     spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "judge.classes=[0, 2, 3]"]))
-    labels = np.asarray(engine.load(spec.dataset).y_train)
-    judge, proxy, clients = engine.carve_held_out(labels, spec)
-    setup = engine.prepare(spec)
+    labels = np.asarray(load(spec.dataset).y_train)
+    judge, proxy, clients = carve_held_out(labels, spec)
+    setup = prepare(spec)
     idx, count = np.asarray(setup.data.idx), np.asarray(setup.data.count)
     held_by_clients = np.concatenate([idx[i, : count[i]] for i in range(len(count))])
     assert len(set(judge) & set(proxy)) == 0
@@ -149,7 +151,7 @@ def test_judge_proxy_and_clients_are_disjoint():
     np.testing.assert_array_equal(np.asarray(setup.data.proxy_y), labels[proxy])
     # an omniscient adversary's proxy is the judge's set itself, only when asked for
     spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "proxy.source=judge"]))
-    judge, proxy, _ = engine.carve_held_out(labels, spec)
+    judge, proxy, _ = carve_held_out(labels, spec)
     np.testing.assert_array_equal(judge, proxy)
 
 
@@ -158,8 +160,8 @@ def test_attacks_see_the_previous_aggregate_never_the_rule_state():
 
     assert "agg_state" not in AttackContext._fields
     spec, hparams = to_spec(load_config(None, [*BASE, "aggregator.name=centered_clipping"]))
-    setup = engine.prepare(spec)
-    state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(0), hparams)
-    step = jax.jit(engine.make_round(setup))
+    setup = prepare(spec)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
+    step = jax.jit(make_round(setup))
     state, _ = step(state, hparams, setup.data)
     np.testing.assert_array_equal(state.previous_aggregate, state.agg_state)

@@ -6,10 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from fedsim import engine, memory
+from fedsim import memory
 from fedsim.cli import main
 from fedsim.config import load_config, to_spec
+from fedsim.layout import with_layout
 from fedsim.registry import ConfigError
+from fedsim.round import make_chunk, make_init
+from fedsim.setup import prepare
 
 OVER = [
     "client.participants=12",
@@ -24,7 +27,7 @@ OVER = [
 @pytest.fixture(scope="module")
 def setup():
     spec, hp = to_spec(load_config("configs/digits.yaml", OVER))
-    return engine.prepare(spec), hp
+    return prepare(spec), hp
 
 
 def test_chunked_clients_match_one_vmap_and_estimate_bounds_xla(setup):
@@ -32,9 +35,9 @@ def test_chunked_clients_match_one_vmap_and_estimate_bounds_xla(setup):
     fp = memory.footprint(setup)
     results = {}
     for chunk in (None, 5):  # 5 does not divide 12: lax.map handles the remainder
-        s = engine.with_layout(setup, client_chunk=chunk)
-        state = jax.jit(engine.make_init(s))(jax.random.PRNGKey(1), hp)
-        compiled = jax.jit(engine.make_chunk(s, 2)).lower(state, hp, s.data).compile()
+        s = with_layout(setup, client_chunk=chunk)
+        state = jax.jit(make_init(s))(jax.random.PRNGKey(1), hp)
+        compiled = jax.jit(make_chunk(s, 2)).lower(state, hp, s.data).compile()
         ma = compiled.memory_analysis()
         xla = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
         assert memory.estimate(fp, 1, chunk) >= xla

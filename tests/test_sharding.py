@@ -14,7 +14,10 @@ SCRIPT = r"""
 import json, os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
-from fedsim import engine
+from fedsim import runner
+from fedsim.layout import client_mesh, with_layout
+from fedsim.round import make_init, make_round
+from fedsim.setup import prepare
 from fedsim.config import load_config, to_spec
 from fedsim.sweep import expand, group_runs, run_group
 
@@ -22,24 +25,24 @@ assert len(jax.devices()) == 8
 over = ["client.participants=16", "rounds=4", "eval_every=2", "aggregator.name=median",
         "attack.name=alie", "attack.fraction=0.2"]
 spec, hp = to_spec(load_config("configs/digits.yaml", over))
-setup = engine.prepare(spec)
-mesh = engine.client_mesh(None, spec.participants)
-sharded = engine.with_layout(setup, mesh=mesh)
-state = jax.jit(engine.make_init(setup))(jax.random.PRNGKey(0), hp)
-hlo = jax.jit(engine.make_round(sharded)).lower(state, hp, sharded.data).as_text()
+setup = prepare(spec)
+mesh = client_mesh(None, spec.participants)
+sharded = with_layout(setup, mesh=mesh)
+state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+hlo = jax.jit(make_round(sharded)).lower(state, hp, sharded.data).as_text()
 doc = {"base": load_config("configs/digits.yaml", over),
        "grid": {"client.lr": [0.05, 0.1], "attack.z": [0.5, 1.5]}, "seeds": [0]}
 (spec_g, runs, hps), = group_runs(expand(doc).runs)
-setup_g = engine.prepare(spec_g)
+setup_g = prepare(spec_g)
 seeds = [r.cfg["seed"] for r in runs]
 out = {"mesh": int(mesh.devices.size),
        "sharded_hlo": "[{\"clients\"}" in hlo or "devices=[8" in hlo}
 if os.environ["MODE"] == "group":
     out["one"] = run_group(setup_g, hps, seeds, batch=4)
-    out["eight"] = run_group(engine.with_layout(setup_g, mesh=mesh), hps, seeds, batch=4)
+    out["eight"] = run_group(with_layout(setup_g, mesh=mesh), hps, seeds, batch=4)
 else:
-    out["one"] = [engine.run(setup, hp, 0)]
-    out["eight"] = [engine.run(sharded, hp, 0)]
+    out["one"] = [runner.run(setup, hp, 0)]
+    out["eight"] = [runner.run(sharded, hp, 0)]
 print(json.dumps(out))
 """
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from fedsim import engine
+from fedsim import runner
 from fedsim.cli import main
 from fedsim.config import to_spec
 from fedsim.registry import ConfigError
 from fedsim.report import make_report
+from fedsim.setup import prepare
 from fedsim.sweep import expand, group_runs, in_shard, load_sweep, parse_shard, run_sweep
 
 BASE = {
@@ -110,7 +111,7 @@ def test_vmapped_sweep_equals_separate_runs(sharded):
     assert sum(s["ran"] for s in stats) == 8 and all(s["groups"] == 1 for s in stats)
     run = next(r for r in sweep.runs if in_shard(r.run_id, (0, 2)))
     spec, hp = to_spec(run.cfg)
-    alone = engine.run(engine.prepare(spec), hp, run.cfg["seed"])
+    alone = runner.run(prepare(spec), hp, run.cfg["seed"])
     folder = root / "part0" / "runs" / run.run_id
     recorded = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recorded] == [2, 4]
@@ -129,7 +130,7 @@ def test_one_run_per_program_is_the_lone_run_exactly(tmp_path):
     run_sweep(sweep, tmp_path, quiet=True, max_batch=1)
     (run,) = sweep.runs
     spec, hp = to_spec(run.cfg)
-    alone = engine.run(engine.prepare(spec), hp, run.cfg["seed"])
+    alone = runner.run(prepare(spec), hp, run.cfg["seed"])
     folder = tmp_path / "runs" / run.run_id
     recorded = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     for got, want in zip(recorded, alone, strict=True):

@@ -112,13 +112,37 @@ def classes_per_client(
     return [np.concatenate(p) for p in parts]
 
 
+QUANTILE_BINS = 10
+
+
+def label_bins(labels: np.ndarray) -> np.ndarray:
+    """Class ids as they are; float regression targets as their decile (0..9), so that
+    the label-skew schemes split a regression set by a quantile of its target."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    edges = np.quantile(labels, np.linspace(0, 1, QUANTILE_BINS + 1)[1:-1])
+    return np.searchsorted(edges, labels, side="right").astype(np.int32)
+
+
 def partition(
-    name: str, labels: np.ndarray, n_clients: int, seed: int, **options
+    name: str, labels: np.ndarray, n_clients: int, seed: int, groups=None, **options
 ) -> list[np.ndarray]:
-    """Run partition ``name``; options are the scheme's keyword arguments."""
+    """Run partition ``name``; options are the scheme's keyword arguments. Group schemes
+    (``hospital``, ``car``: ``fedsim.data.group_partition``) split by ``groups``, the
+    samples' natural owners; the others by ``label_bins(labels)``."""
+    from fedsim.data.group_partition import GROUP_PARTITIONS, partition_groups
+
+    if name in GROUP_PARTITIONS:
+        if groups is None:
+            raise ConfigError(
+                f"partition {name!r} follows the dataset's own groups (hospitals, cars); "
+                "this dataset has none: use iid or dirichlet"
+            )
+        return partition_groups(name, groups, n_clients, seed, **options)
     fn = PARTITIONS.get(name)
     try:
-        parts = fn(np.asarray(labels), n_clients, np.random.default_rng(seed), **options)
+        parts = fn(label_bins(labels), n_clients, np.random.default_rng(seed), **options)
     except TypeError as err:
         raise ConfigError(f"partition {name!r}: {err}") from None
     if any(len(p) == 0 for p in parts):

@@ -34,7 +34,14 @@ MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416
 
 
 class Dataset(NamedTuple):
-    """Host arrays. x_*: uint8 ``[N, H, W, C]``; y_*: int32 ``[N]``."""
+    """Host arrays of one dataset, as the engine takes them.
+
+    x_*: ``[N, ...]`` uint8 images or float32 features; the model sees
+    ``x.astype(float32) * x_scale`` (1/255 for images: pixels in [0, 1]; 1 for features,
+    already standardised by their loader). y_*: int32 class ids, or float32 targets when
+    ``n_classes == 0`` (regression). groups_*: int32 ``[N]``, each sample's natural owner
+    (hospital, car) for group partitions, or None. ``meta``: the loader's extras.
+    """
 
     name: str
     x_train: np.ndarray
@@ -42,6 +49,10 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     n_classes: int
+    x_scale: float = 1.0 / 255.0
+    groups_train: np.ndarray | None = None
+    groups_test: np.ndarray | None = None
+    meta: dict | None = None
 
 
 def cache_dir() -> Path:
@@ -58,6 +69,31 @@ def load(name: str, source: str = "bundled", data_dir: str | None = None) -> Dat
     if source == "tfds":
         return load_tfds(name, data_dir)
     return REGISTRY.make(name)
+
+
+def from_tabular(data) -> Dataset:
+    """A ``fedsim.data.tabular.TabularData`` as a ``Dataset`` of float features."""
+    return Dataset(
+        data.name,
+        data.x_train.astype(np.float32),
+        data.y_train,
+        data.x_test.astype(np.float32),
+        data.y_test,
+        data.n_classes,
+        x_scale=1.0,
+        groups_train=data.groups_train,
+        groups_test=data.groups_test,
+        meta={**data.meta, "tabular": data},
+    )
+
+
+def _register_tabular() -> None:
+    """Each float-feature dataset of ``fedsim.data.tabular`` under its own name."""
+    from fedsim.data.tabular import TABULAR, load_tabular
+
+    for name in TABULAR.names():
+        meta = TABULAR.meta(name)
+        REGISTRY.register(name, **meta)(lambda name=name: from_tabular(load_tabular(name)))
 
 
 def _write_npz_atomic(path: Path, **arrays) -> None:
@@ -155,3 +191,6 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
         )
     n_classes = int(max(arrays["train"][1].max(), arrays["test"][1].max()) + 1)
     return Dataset(name, *arrays["train"], *arrays["test"], n_classes)
+
+
+_register_tabular()

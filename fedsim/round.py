@@ -1,0 +1,429 @@
+"""The round as five stages (DESIGN.md, "The round, as data flows"):
+**sample → train → craft → aggregate → apply**, each a pure function with typed input and
+output, composed by ``make_round`` through the topology.
+
+- ``sample``: which clients take part (``Participants``);
+- ``train``: their local training, vmapped (``Trained``: the ``[m, d]`` updates, and the
+  malicious clients' benign updates when the attack asks for them);
+- ``craft``: the adversary rewrites the malicious rows;
+- ``aggregate``: each model's rule over the rows its neighbourhood holds;
+- ``apply``: the server optimizer steps the model with the aggregate.
+
+``make_chunk`` scans ``eval_every`` rounds and evaluates on the device.
+
+Randomness: one root key per run, split by purpose (init, malicious set, rounds); the key
+of round r is ``fold_in(rounds_key, r)``, split again by purpose (sampling, training,
+attack, aggregation); client c trains with ``fold_in(train_key, c)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fedsim import topology as topologies
+from fedsim.aggregators._ops import row_sq_norms
+from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_steps
+from fedsim.layout import shard_clients
+from fedsim.setup import Data, Setup, components, flat_unravel
+from fedsim.spec import HParams, thaw
+from fedsim.types import AggContext, AggInfo, AttackContext
+
+TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
+
+
+class RunState(NamedTuple):
+    params: Any
+    server_opt_state: Any
+    agg_state: Any
+    malicious: jax.Array  # bool [n_clients], fixed per run
+    rounds_key: jax.Array
+    round: jax.Array  # int32 scalar
+    # The last round's aggregate, ravelled [d]: public to every participant (the change of
+    # the global model), so attacks may read it; zeros before the first round.
+    previous_aggregate: jax.Array
+
+
+class RoundMetrics(NamedTuple):
+    malicious_weight: jax.Array  # share of the aggregate from malicious clients
+    honest_weight: jax.Array  # share of the aggregate from honest clients
+    honest_accepted: jax.Array  # fraction of present honest clients the rule used
+    malicious_participants: jax.Array
+    update_norm: jax.Array
+    finite: jax.Array  # False once the aggregate or the model is NaN/Inf (divergence)
+    malicious_distance: jax.Array  # mean L2 distance of malicious updates to the aggregate
+    honest_distance: jax.Array  # mean L2 distance of honest updates to the aggregate
+
+
+class RoundKeys(NamedTuple):
+    sample: jax.Array
+    train: jax.Array
+    attack: jax.Array
+    aggregate: jax.Array
+
+
+class Participants(NamedTuple):
+    """The round's rows: clients ``[m]`` (ids), count ``[m]`` (samples), weights ``[m]``
+    (float sample counts, what the rules are given), is_malicious ``[m]`` (never shown to
+    a rule)."""
+
+    clients: jax.Array
+    count: jax.Array
+    weights: jax.Array
+    is_malicious: jax.Array
+
+
+class Trained(NamedTuple):
+    """updates ``[m, d]`` (local minus global params, ravelled); benign ``[m, d]`` or None:
+    what every row would send trained on clean data (for attacks that ask)."""
+
+    updates: jax.Array
+    benign: jax.Array | None
+
+
+class Aggregated(NamedTuple):
+    """delta ``[d]``: the rule's output; agg_state: its new state; info: its AggInfo."""
+
+    delta: jax.Array
+    agg_state: Any
+    info: AggInfo
+
+
+def round_keys(state: RunState) -> RoundKeys:
+    key = jax.random.fold_in(state.rounds_key, state.round)
+    return RoundKeys(*jax.random.split(key, 4))
+
+
+def sample(key, malicious, data: Data, n_clients: int, participants: int) -> Participants:
+    """``participants`` of ``n_clients`` clients, uniformly without replacement (all of
+    them, in order, when every client takes part)."""
+    if participants == n_clients:
+        clients = jnp.arange(n_clients)
+    else:
+        clients = jax.random.choice(key, n_clients, (participants,), replace=False)
+    count = data.count[clients]
+    return Participants(clients, count, count.astype(jnp.float32), malicious[clients])
+
+
+def local_spec(setup: Setup) -> LocalSpec:
+    spec = setup.spec
+    return LocalSpec(
+        spec.batch_size,
+        spec.local_epochs,
+        spec.local_steps,
+        spec.client_optimizer,
+        min_count=setup.min_count,
+        x_scale=setup.x_scale,
+    )
+
+
+def make_train(setup: Setup, attack):
+    """``train(params, who, key, hparams, data) -> Trained``: every participant's local
+    training (vmapped, or in chunks of ``setup.client_chunk``); malicious clients train on
+    the attack's poisoned batches."""
+    local = local_spec(setup)
+    _, ravel_rows = flat_unravel(setup)
+    apply_fn, loss = setup.module.apply, setup.task.loss
+    train_poisoned = make_local_train(apply_fn, local, poison=attack.poison, loss=loss)
+    train_clean = make_local_train(apply_fn, local, loss=loss)
+    wants_benign = attack.craft is not None and attack.needs_benign
+
+    def train(params, who: Participants, key, hparams: HParams, data: Data) -> Trained:
+        n_steps = jnp.max(n_local_steps(local, who.count))
+        client_keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(who.clients)
+        hp = {
+            "lr": hparams.client_lr,
+            "momentum": hparams.client_momentum,
+            "attack": hparams.attack,
+        }
+        rows = (data.idx[who.clients], who.count, client_keys, who.is_malicious)
+        per_client = shard_clients(setup.mesh, rows)
+
+        def train_all(train_fn):  # -> [m, d] updates, rows in the order of ``clients``
+            def one(row):
+                idx_row, cnt, k, mal = row
+                return train_fn(params, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal)
+
+            if setup.client_chunk is None:
+                trained = jax.vmap(one)(per_client)
+            else:  # bounds the training working set to client_chunk clients at a time
+                trained = jax.lax.map(one, per_client, batch_size=setup.client_chunk)
+            return shard_clients(setup.mesh, ravel_rows(trained))
+
+        updates = train_all(train_poisoned)
+        return Trained(updates, train_all(train_clean) if wants_benign else None)
+
+    return train
+
+
+def model_functions(setup: Setup):
+    """``(loss_fn, error_fn)`` of flat params: ``loss_fn(flat [d], x, y, mask=None)``, the
+    task's mean loss, and ``error_fn(flat, x, y)``, its error (for behaviour rules)."""
+    unravel, _ = flat_unravel(setup)
+    apply_fn, task = setup.module.apply, setup.task
+
+    def loss_fn(flat, x, y, mask=None):
+        outputs = apply_fn({"params": unravel(flat)}, x)
+        mask = jnp.ones(y.shape[0], jnp.float32) if mask is None else mask.astype(jnp.float32)
+        return task.loss(outputs, y, mask)
+
+    def error_fn(flat, x, y):
+        return task.error(apply_fn({"params": unravel(flat)}, x), y)
+
+    return loss_fn, error_fn
+
+
+def make_craft(setup: Setup, attack):
+    """``craft(trained, who, state, key, hparams, data) -> updates [m, d]``: the attack's
+    rewrite of the malicious rows, with what its knowledge allows (``AttackContext``)."""
+    loss_fn, error_fn = model_functions(setup)
+
+    def craft(trained: Trained, who: Participants, state: RunState, key, hparams, data: Data):
+        if attack.craft is None:
+            return trained.updates
+        global_flat, _ = ravel_pytree(state.params)
+        goal = {}
+        if attack.goal_batch:
+            key, k_goal = jax.random.split(key)
+            goal = goal_samples(k_goal, setup, data, who, attack, hparams.attack)
+        has_proxy = data.proxy_x.shape[0] > 0
+        ctx = AttackContext(
+            global_params=global_flat,
+            key=key,
+            hparams=hparams.attack,
+            weights=who.weights,
+            benign_updates=trained.benign,
+            previous_aggregate=state.previous_aggregate,
+            loss_fn=loss_fn,
+            proxy_x=data.proxy_x if has_proxy else None,
+            proxy_y=data.proxy_y if has_proxy else None,
+            error_fn=error_fn,
+            rule_hparams=hparams.agg,
+            **goal,
+        )
+        return attack.craft(trained.updates, who.is_malicious, ctx)
+
+    return craft
+
+
+def goal_samples(key, setup: Setup, data: Data, who: Participants, attack, attack_hp) -> dict:
+    """``attack.goal_batch`` samples of the present malicious clients' own data, passed
+    through the goal's poison as their local training is (the goal's own
+    ``poison_fraction``): ``{"goal_x", "goal_y", "goal_mask"}``, the mask marking the rows
+    the poison changed. A client is drawn in proportion to its sample count, then one of
+    its samples uniformly; with no malicious client present the rows are unused."""
+    k_client, k_pos, k_poison = jax.random.split(key, 3)
+    size = attack.goal_batch
+    share = jnp.where(who.is_malicious, who.count, 0).astype(jnp.float32)
+    share = jnp.where(jnp.sum(share) > 0, share, 1.0)
+    pick = jax.random.categorical(k_client, jnp.log(share), shape=(size,))
+    count = who.count[pick]
+    pos = jnp.floor(jax.random.uniform(k_pos, (size,)) * count).astype(jnp.int32)
+    rows = data.idx[who.clients[pick], jnp.minimum(pos, count - 1)]
+    x, y = data.x[rows].astype(jnp.float32) * setup.x_scale, data.y[rows]
+    px, py = attack.poison(x, y, k_poison, attack_hp)
+    changed = (py != y) | jnp.any((px != x).reshape(size, -1), axis=1)
+    return {"goal_x": px, "goal_y": py, "goal_mask": changed}
+
+
+def make_aggregate(setup: Setup, agg):
+    """``aggregate(updates [m, d], weights [m], clients [m], state, key, hparams, data,
+    global_flat [d]) -> Aggregated``: one rule over the rows ``weights`` keeps, judging
+    with the judge's data when it is behaviour-based."""
+    loss_fn, error_fn = model_functions(setup)
+
+    def aggregate(updates, weights, clients, agg_state, key, hparams, data: Data, global_flat):
+        has_judge = data.judge_x.shape[0] > 0
+        ctx = AggContext(
+            global_params=global_flat,
+            key=key,
+            hparams=hparams.agg,
+            client_ids=clients,
+            loss_fn=loss_fn,
+            judge_x=data.judge_x if has_judge else None,
+            judge_y=data.judge_y if has_judge else None,
+            error_fn=error_fn,
+        )
+        return Aggregated(*agg.aggregate(updates, weights, agg_state, ctx))
+
+    return aggregate
+
+
+def make_apply(setup: Setup):
+    """``apply(params, opt_state, delta [d], hparams) -> (params, opt_state)``: the
+    server optimizer (optax; ``sgd`` with lr 1 is FedAvg) stepping along the aggregate."""
+    spec = setup.spec
+    unravel, _ = flat_unravel(setup)
+
+    def apply(params, opt_state, delta, hparams: HParams):
+        opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
+        grad = jax.tree.map(jnp.negative, unravel(delta))
+        step, opt_state = opt.update(grad, opt_state, params)
+        return jax.tree.map(jnp.add, params, step), opt_state
+
+    return apply
+
+
+def make_init(setup: Setup):
+    """``init(key, hparams) -> RunState`` for one run."""
+    spec = setup.spec
+    agg, _ = components(setup)
+
+    def init(key, hparams: HParams) -> RunState:
+        k_init, k_mal, k_rounds = jax.random.split(key, 3)
+        params = setup.init_params(k_init)
+        n_mal = jnp.round(hparams.attack_fraction * spec.n_clients).astype(jnp.int32)
+        order = jax.random.permutation(k_mal, spec.n_clients)
+        malicious = (
+            jnp.zeros(spec.n_clients, bool).at[order].set(jnp.arange(spec.n_clients) < n_mal)
+        )
+        flat, _ = ravel_pytree(params)
+        opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
+        return RunState(
+            params=params,
+            server_opt_state=opt.init(params),
+            agg_state=agg.init(flat, spec.n_clients),
+            malicious=malicious,
+            rounds_key=k_rounds,
+            round=jnp.zeros((), jnp.int32),
+            previous_aggregate=jnp.zeros_like(flat),
+        )
+
+    return init
+
+
+def make_round(setup: Setup):
+    """``round_step(state, hparams, data) -> (state, RoundMetrics)``: the five stages,
+    composed by the topology (``star``: one rule over every participant)."""
+    spec = setup.spec
+    agg, attack = components(setup)
+    topo = topologies.make(spec.topology, **thaw(spec.topology_kw))
+    if topo.n_models != 1:
+        raise NotImplementedError(f"topology {topo.name!r} holds {topo.n_models} models")
+    train = make_train(setup, attack)
+    craft = make_craft(setup, attack)
+    aggregate = make_aggregate(setup, agg)
+    apply = make_apply(setup)
+
+    def round_step(state: RunState, hparams: HParams, data: Data):
+        TRACE_COUNT["round"] += 1
+        keys = round_keys(state)
+        who = sample(keys.sample, state.malicious, data, spec.n_clients, spec.participants)
+        trained = train(state.params, who, keys.train, hparams, data)
+        updates = craft(trained, who, state, keys.attack, hparams, data)
+        weights = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)[0]
+        global_flat, _ = ravel_pytree(state.params)
+        out = aggregate(
+            updates,
+            weights,
+            who.clients,
+            state.agg_state,
+            keys.aggregate,
+            hparams,
+            data,
+            global_flat,
+        )
+        params, opt_state = apply(state.params, state.server_opt_state, out.delta, hparams)
+        metrics = round_metrics(out, updates, params, who)
+        new_state = RunState(
+            params,
+            opt_state,
+            out.agg_state,
+            state.malicious,
+            state.rounds_key,
+            state.round + 1,
+            out.delta.astype(state.previous_aggregate.dtype),
+        )
+        return new_state, metrics
+
+    return round_step
+
+
+def round_metrics(out: Aggregated, updates, params, who: Participants) -> RoundMetrics:
+    """What the round did: the weight each group got, divergence, distances."""
+    is_mal, present = who.is_malicious, who.weights > 0
+    leaves = jax.tree_util.tree_leaves(params)
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    weight = out.info.weight
+    return RoundMetrics(
+        malicious_weight=jnp.sum(jnp.where(is_mal, weight, 0.0)),
+        honest_weight=jnp.sum(jnp.where(is_mal, 0.0, weight)),
+        honest_accepted=honest_accepted(weight, present, is_mal),
+        malicious_participants=jnp.sum(is_mal),
+        update_norm=jnp.linalg.norm(out.delta),
+        finite=jnp.all(jnp.isfinite(out.delta)) & params_finite,
+        **distances_to(out.delta, updates, present, is_mal),
+    )
+
+
+def honest_accepted(weight, present, is_mal):
+    """Fraction of the present honest clients given at least half of a uniform share
+    (``1 / (2 m)``, m = present clients): how many honest updates the rule still uses.
+    Every convex rule's weights sum to 1, so the honest *share* cannot show a tightened
+    rule rejecting honest clients when no one attacks; this count can (1 for the mean)."""
+    honest = present & ~is_mal
+    m = jnp.maximum(jnp.sum(present), 1)
+    used = honest & (weight >= 0.5 / m)
+    return jnp.sum(used) / jnp.maximum(jnp.sum(honest), 1)
+
+
+def distances_to(reference, updates, present, is_mal) -> dict:
+    """Mean L2 distance of the present malicious and honest rows to ``reference`` [d].
+
+    The reference is the rule's output: how far from what the rule accepted each group
+    sent (0 when a group has no present member)."""
+    dist = jnp.sqrt(row_sq_norms(updates, reference))
+    mean_over = lambda sel: jnp.sum(jnp.where(sel, dist, 0.0)) / jnp.maximum(jnp.sum(sel), 1)
+    return {
+        "malicious_distance": mean_over(present & is_mal),
+        "honest_distance": mean_over(present & ~is_mal),
+    }
+
+
+def make_evaluate(setup: Setup, eval_batch: int = 1000):
+    """``evaluate(params, data) -> dict``: the task's test metrics (with ``test_loss``)
+    and, for targeted attacks, the attack success rate."""
+    _, attack = components(setup)
+    apply_fn, task = setup.module.apply, setup.task
+
+    def predict(params, x):  # float32 [T, ...] -> outputs [T, k], in batches
+        total = x.shape[0]
+        b = min(total, eval_batch)
+        k = -(-total // b)
+        pad = jnp.concatenate([x, jnp.zeros((k * b - total, *x.shape[1:]), x.dtype)])
+        outputs = jax.lax.map(
+            lambda xb: apply_fn({"params": params}, xb), pad.reshape(k, b, *x.shape[1:])
+        )
+        return outputs.reshape(k * b, -1)[:total]
+
+    def evaluate(params, data: Data):
+        out = task.metrics(predict(params, data.x_test), data.y_test)
+        if attack.success is not None:
+            out["attack_success_rate"] = attack.success(
+                lambda x: predict(params, x), data.x_test, data.y_test
+            )
+        return out
+
+    return evaluate
+
+
+def make_chunk(setup: Setup, n_rounds: int):
+    """``chunk(state, hparams, data) -> (state, metrics)``: scan ``n_rounds`` rounds, then
+    evaluate. Round metrics are averaged over the chunk (``finite``: all rounds)."""
+    round_step = make_round(setup)
+    evaluate = make_evaluate(setup)
+
+    def chunk(state, hparams, data):
+        body = lambda s, _: round_step(s, hparams, data)
+        state, per_round = jax.lax.scan(body, state, None, length=n_rounds)
+        metrics = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_round._asdict().items()}
+        metrics.update(evaluate(state.params, data))
+        # a model that evaluates to a non-finite loss has diverged even if its steps looked
+        # finite (an overflow inside the forward pass)
+        metrics["finite"] = jnp.all(per_round.finite) & jnp.isfinite(metrics["test_loss"])
+        return state, metrics
+
+    return chunk
