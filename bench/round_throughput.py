@@ -47,12 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsim.client import LocalSpec, cross_entropy, make_local_train, n_local_steps
+from fedsim.client import cross_entropy
 from fedsim.config import load_config, to_spec
 from fedsim.data import load
-from fedsim.round import make_init, make_round
+from fedsim.round import (
+    make_aggregate,
+    make_init,
+    make_round,
+    make_train,
+    round_keys,
+    sample,
+)
 from fedsim.setup import components, prepare
-from fedsim.types import AggContext
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_throughput.json"
 WIDTHS = (100,)
@@ -67,7 +73,6 @@ TARGET_MATMUL_FRACTION = 0.5
 # ----------------------------------------------------------------------------- timing
 
 
-BIG_WORK = 20_000  # clients x steps past which the train+ravel program is not timed
 BUDGET_S = 30.0  # past this much timed work per measurement, stop at 2 repeats
 
 
@@ -157,60 +162,40 @@ def time_fedsim_round(setup, hparams, repeats: int, rounds: int) -> float:
 
 
 def time_fedsim_parts(setup, hparams, repeats: int) -> dict:
-    """Seconds of the round's sub-programs: local training (vmapped, as in make_round),
-    training + ravel to [m, d], and the aggregation alone on an [m, d] matrix."""
+    """Seconds of the round's own stages (``fedsim.round``), each jitted alone: ``train``
+    (local training of every participant, ravelled to ``[m, d]``) and ``aggregate`` (the
+    rule on that matrix)."""
+    agg, attack = components(setup)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
+    keys = round_keys(state)
     spec = setup.spec
-    m = spec.participants
-    local = LocalSpec(spec.batch_size, spec.local_epochs, spec.local_steps, spec.client_optimizer)
-    train = make_local_train(setup.module.apply, local)
-    axes = (None, None, None, 0, 0, None, 0, None, 0)
-    agg, _ = components(setup)
-    params = setup.init_params(jax.random.PRNGKey(0))
-    hp = {"lr": hparams.client_lr, "momentum": hparams.client_momentum, "attack": {}}
-    key = jax.random.PRNGKey(1)
+    who = sample(keys.sample, state.malicious, setup.data, spec.n_clients, spec.participants)
+    train = jax.jit(make_train(setup, attack))
+    aggregate = jax.jit(make_aggregate(setup, agg))
+    updates = train(state.params, who, keys.train, hparams, setup.data).updates
+    flat = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(state.params)])
 
-    def trained(params, data):
-        clients = jnp.arange(m)
-        count = data.count[clients]
-        n_steps = jnp.max(n_local_steps(local, count))
-        keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(clients)
-        is_mal = jnp.zeros(m, bool)
-        args = (data.x, data.y, data.idx[clients], count, n_steps, keys, hp, is_mal)
-        return jax.vmap(train, in_axes=axes)(params, *args)
+    def run_aggregate():
+        out = aggregate(
+            updates,
+            who.weights,
+            who.clients,
+            state.agg_state,
+            keys.aggregate,
+            hparams,
+            setup.data,
+            flat,
+        )
+        out.delta.block_until_ready()
 
-    def ravel(tree):
-        leaves = jax.tree_util.tree_leaves(tree)
-        return jnp.concatenate([x.reshape(m, -1) for x in leaves], axis=1)
-
-    train_only = jax.jit(trained)
-    train_ravel = jax.jit(lambda p, d: ravel(trained(p, d)))
-    d = setup.n_params
-    updates = jax.random.normal(key, (m, d), jnp.float32) * 1e-2
-    weights = jnp.asarray(setup.data.count[:m], jnp.float32)
-    agg_state = agg.init(jnp.zeros(d), spec.n_clients)
-    ctx = AggContext(
-        global_params=jnp.zeros(d),
-        key=key,
-        hparams=hparams.agg,
-        client_ids=jnp.arange(m),
-        loss_fn=None,
-        judge_x=None,
-        judge_y=None,
-    )
-    aggregate = jax.jit(lambda u, w, s: agg.aggregate(u, w, s, ctx)[0])
     out = {}
     out["train"], _ = median_time(
-        lambda: jax.block_until_ready(train_only(params, setup.data)), repeats
+        lambda: train(
+            state.params, who, keys.train, hparams, setup.data
+        ).updates.block_until_ready(),
+        repeats,
     )
-    if m * (spec.local_steps or 1) <= BIG_WORK:
-        out["train_ravel"], _ = median_time(
-            lambda: train_ravel(params, setup.data).block_until_ready(), repeats
-        )
-    else:  # too slow to time a third program: ravel not separated from the rest
-        out["train_ravel"] = None
-    out["aggregate"], _ = median_time(
-        lambda: aggregate(updates, weights, agg_state).block_until_ready(), repeats
-    )
+    out["aggregate"], _ = median_time(run_aggregate, repeats)
     return out
 
 
@@ -473,7 +458,6 @@ def bench_config(m, steps, args, host_cache, matmul):
         "seconds_per_round": {
             "fedsim_round": t_round,
             "fedsim_train": parts["train"],
-            "fedsim_train_ravel": parts["train_ravel"],
             "fedsim_aggregate": parts["aggregate"],
             "jit_loop": t_jit,
             "torch_loop": t_torch,
@@ -574,25 +558,18 @@ def print_table(rows, matmul):
             f"{r['ratio_fedsim_vs_jit_loop']:>6.1f} {r['ratio_fedsim_vs_torch_loop']:>7.1f} "
             f"{r['train_gflops']:>10.1f} {100 * r['train_fraction_of_matmul']:>7.0f}%"
         )
-    print("\nwhere a fused round's time goes (ms per round, medians of separate programs)")
-    print(
-        f"{'clients':>7} {'steps':>5} {'round':>9} {'train':>9} {'ravel':>9} {'agg':>9} {'rest':>9}"
-    )
+    print("\nwhere a fused round's time goes (ms per round; the stages of fedsim.round,")
+    print(" each jitted alone, medians)")
+    print(f"{'clients':>7} {'steps':>5} {'round':>9} {'train':>9} {'agg':>9} {'rest':>9}")
     for r in rows:
         s = r["seconds_per_round"]
-        before_agg = s["fedsim_train_ravel"] or s["fedsim_train"]
-        ravel = (
-            "-"
-            if s["fedsim_train_ravel"] is None
-            else f"{1e3 * (before_agg - s['fedsim_train']):.1f}"
-        )
-        rest = s["fedsim_round"] - before_agg - s["fedsim_aggregate"]
+        rest = s["fedsim_round"] - s["fedsim_train"] - s["fedsim_aggregate"]
         print(
             f"{r['clients']:>7} {r['local_steps']:>5} {1e3 * s['fedsim_round']:>9.1f} "
-            f"{1e3 * s['fedsim_train']:>9.1f} {ravel:>9} "
-            f"{1e3 * s['fedsim_aggregate']:>9.1f} {1e3 * rest:>9.1f}"
+            f"{1e3 * s['fedsim_train']:>9.1f} {1e3 * s['fedsim_aggregate']:>9.1f} "
+            f"{1e3 * rest:>9.1f}"
         )
-    print("(ravel '-': not timed separately at this size, it is inside 'rest'; rest can be")
+    print("(rest: sampling, crafting, the server step and what fusing saves; it can be")
     print(" negative: separate programs do not add up exactly on a noisy machine)")
     for r in rows:
         if r["peer_scaled_by"] > 1:

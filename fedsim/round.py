@@ -351,7 +351,7 @@ def round_metrics(out: Aggregated, updates, params, who: Participants) -> RoundM
     return RoundMetrics(
         malicious_weight=jnp.sum(jnp.where(is_mal, weight, 0.0)),
         honest_weight=jnp.sum(jnp.where(is_mal, 0.0, weight)),
-        honest_accepted=honest_accepted(weight, present, is_mal),
+        honest_accepted=honest_accepted(weight, present, is_mal, who.weights),
         malicious_participants=jnp.sum(is_mal),
         update_norm=jnp.linalg.norm(out.delta),
         finite=jnp.all(jnp.isfinite(out.delta)) & params_finite,
@@ -359,14 +359,17 @@ def round_metrics(out: Aggregated, updates, params, who: Participants) -> RoundM
     )
 
 
-def honest_accepted(weight, present, is_mal):
-    """Fraction of the present honest clients given at least half of a uniform share
-    (``1 / (2 m)``, m = present clients): how many honest updates the rule still uses.
-    Every convex rule's weights sum to 1, so the honest *share* cannot show a tightened
-    rule rejecting honest clients when no one attacks; this count can (1 for the mean)."""
+def honest_accepted(weight, present, is_mal, weights):
+    """Fraction of the present honest clients given at least half of a fair share: the
+    smaller of ``1 / m`` (m present clients; robust rules count every client once) and
+    the client's share of the round's ``weights`` (FedAvg weighs by sample counts). How
+    many honest updates the rule still uses: 1 for the mean. Every convex rule's weights
+    sum to 1, so the honest *share* cannot show a tightened rule rejecting honest clients
+    when no one attacks; this count can."""
     honest = present & ~is_mal
     m = jnp.maximum(jnp.sum(present), 1)
-    used = honest & (weight >= 0.5 / m)
+    own = weights / jnp.maximum(jnp.sum(jnp.where(present, weights, 0.0)), 1e-30)
+    used = honest & (weight >= 0.5 * jnp.minimum(1.0 / m, own))
     return jnp.sum(used) / jnp.maximum(jnp.sum(honest), 1)
 
 
