@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import machine  # bench/machine.py: what every results file records
 import numpy as np
 
 from fedsim.aggregators import make
@@ -344,7 +345,13 @@ def main(argv=None):
 def write(path, peers, rows):
     table = summary(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=str(jax.devices()[0]), peers=peers.reasons, rows=rows, summary=table)
+    payload = dict(
+        machine=machine.machine_info(),
+        device=str(jax.devices()[0]),
+        peers=peers.reasons,
+        rows=rows,
+        summary=table,
+    )
     path.write_text(json.dumps(payload, indent=1))
     return table
 

@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -45,9 +44,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import machine  # bench/machine.py: what every results file records
 import numpy as np
 
-from fedsim.client import cross_entropy
 from fedsim.config import load_config, to_spec
 from fedsim.data import load
 from fedsim.round import (
@@ -59,6 +58,7 @@ from fedsim.round import (
     sample,
 )
 from fedsim.setup import components, prepare
+from fedsim.task import cross_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_throughput.json"
 WIDTHS = (100,)
@@ -525,14 +525,7 @@ def bench_attacks(args, m=1000, steps=1):
 
 
 def machine_info() -> dict:
-    info = {
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0]),
-        "platform": jax.devices()[0].platform,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
+    info = machine.machine_info()
     try:
         import torch
 

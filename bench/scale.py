@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import machine  # bench/machine.py: what every results file records
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [(1_000, 100), (1_000, 1_000), (10_000, 100), (10_000, 10_000), (100_000, 100)]
@@ -155,7 +155,7 @@ def main() -> None:
         "rounds_timed": args.rounds,
         "settings": rows,
         "max_child_rss_gb": children,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine.machine_info(),
     }
     name = "scale.json" if not args.only else f"scale-{args.only.replace('/', '-')}.json"
     (results / name).write_text(json.dumps(out, indent=2) + "\n")

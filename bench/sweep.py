@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine  # bench/machine.py: what every results file records
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +128,7 @@ def bench_one(rounds: int, separate: int, aggregator: str) -> None:
             "separate_seconds_extrapolated": t_separate,
             "speedup": speedup,
             "max_accuracy_difference": max(diffs),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": machine.machine_info(),
             "config": doc,
         }
         results = ROOT / "bench" / "results"
