@@ -445,6 +445,31 @@ def _check_partition(name: str, kw: dict) -> None:
     _check_values(factory, kw, "data.partition")
 
 
+def _check_peer_to_peer(cfg: dict, name: str, kw: dict) -> None:
+    """Peer-to-peer topologies: every node takes part in every round, and (until attacks
+    craft per recipient) adversaries may poison data but not craft updates."""
+    if topologies.make(name, **kw).n_models != topologies.PER_CLIENT:
+        return
+    n = cfg["data"]["n_clients"]
+    if cfg["client"]["participants"] != n:
+        raise ConfigError(
+            f"topology {name!r} gives every client its own model and every node takes part "
+            f"each round: set client.participants to data.n_clients ({n})"
+        )
+    att_name, att_kw = _component_kw(cfg["attack"], "attack")
+    att_kw = {k: v for k, v in att_kw.items() if k != "fraction"}
+    try:
+        crafts = attacks.make(att_name, **att_kw).craft is not None
+    except (ConfigError, TypeError, ValueError):
+        return  # the attack's own check reports it
+    if crafts:
+        raise ConfigError(
+            f"topology {name!r}: attack {att_name!r} crafts updates, which peer-to-peer "
+            "runs cannot do yet (per-recipient crafting); use a data-poisoning attack "
+            "(label_flip, targeted, backdoor) or topology: star"
+        )
+
+
 def validate(cfg: dict) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     _int(cfg, "seed", low=0)
@@ -468,6 +493,7 @@ def validate(cfg: dict) -> None:
     _check_factory(topologies.REGISTRY, topo_name, topo_kw, "topology")
     client = cfg["client"]
     _int(cfg, "client.participants", high=n_clients)
+    _check_peer_to_peer(cfg, topo_name, topo_kw)
     epochs = _int(cfg, "client.local_epochs", optional=True)
     steps = _int(cfg, "client.local_steps", optional=True)
     if (epochs is None) == (steps is None):

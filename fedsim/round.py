@@ -131,7 +131,10 @@ def make_train(setup: Setup, attack):
     train_clean = make_local_train(apply_fn, local, loss=loss)
     wants_benign = attack.craft is not None and attack.needs_benign
 
-    def train(params, who: Participants, key, hparams: HParams, data: Data) -> Trained:
+    def train(
+        params, who: Participants, key, hparams: HParams, data: Data, own: bool = False
+    ) -> Trained:
+        """``own``: ``params`` has a leading ``[m]`` axis, each client's own model."""
         n_steps = jnp.max(n_local_steps(local, who.count))
         client_keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(who.clients)
         hp = {
@@ -139,13 +142,15 @@ def make_train(setup: Setup, attack):
             "momentum": hparams.client_momentum,
             "attack": hparams.attack,
         }
-        rows = (data.idx[who.clients], who.count, client_keys, who.is_malicious)
+        start = params if own else jnp.zeros(who.clients.shape[0])  # (a placeholder row)
+        rows = (data.idx[who.clients], who.count, client_keys, who.is_malicious, start)
         per_client = shard_clients(setup.mesh, rows)
 
         def train_all(train_fn):  # -> [m, d] updates, rows in the order of ``clients``
             def one(row):
-                idx_row, cnt, k, mal = row
-                return train_fn(params, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal)
+                idx_row, cnt, k, mal, own_params = row
+                p = own_params if own else params
+                return train_fn(p, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal)
 
             if setup.client_chunk is None:
                 trained = jax.vmap(one)(per_client)
@@ -272,41 +277,64 @@ def make_init(setup: Setup):
     spec = setup.spec
     agg, _ = components(setup)
 
+    per_client = topologies.make(spec.topology, **thaw(spec.topology_kw)).n_models == 0
+
     def init(key, hparams: HParams) -> RunState:
         k_init, k_mal, k_rounds = jax.random.split(key, 3)
         params = setup.init_params(k_init)
+        if per_client:  # one model per node, all from the same initialisation
+            one = init_state(params, hparams, agg, spec)
+            tile = lambda x: jnp.broadcast_to(x, (spec.n_clients, *jnp.shape(x)))
+            models = jax.tree.map(tile, one)
+        else:
+            models = init_state(params, hparams, agg, spec)
         n_mal = jnp.round(hparams.attack_fraction * spec.n_clients).astype(jnp.int32)
         order = jax.random.permutation(k_mal, spec.n_clients)
         malicious = (
             jnp.zeros(spec.n_clients, bool).at[order].set(jnp.arange(spec.n_clients) < n_mal)
         )
-        flat, _ = ravel_pytree(params)
-        opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
         return RunState(
-            params=params,
-            server_opt_state=opt.init(params),
-            agg_state=agg.init(flat, spec.n_clients),
+            params=models.params,
+            server_opt_state=models.opt_state,
+            agg_state=models.agg_state,
             malicious=malicious,
             rounds_key=k_rounds,
             round=jnp.zeros((), jnp.int32),
-            previous_aggregate=jnp.zeros_like(flat),
+            previous_aggregate=models.previous_aggregate,
         )
 
     return init
 
 
+class ModelState(NamedTuple):
+    params: Any
+    opt_state: Any
+    agg_state: Any
+    previous_aggregate: jax.Array
+
+
+def init_state(params, hparams: HParams, agg, spec) -> ModelState:
+    """One model's optimizer and rule state around ``params``."""
+    flat, _ = ravel_pytree(params)
+    opt = make_optimizer(spec.server_optimizer, hparams.server_lr, hparams.server_momentum)
+    return ModelState(
+        params, opt.init(params), agg.init(flat, spec.n_clients), jnp.zeros_like(flat)
+    )
+
+
 def make_round(setup: Setup):
     """``round_step(state, hparams, data) -> (state, RoundMetrics)``: the five stages,
-    composed by the topology (``star``: one rule over every participant)."""
+    composed by the topology: ``star``, one rule over every participant into the global
+    model; peer-to-peer, every node's rule over its neighbourhood (``peer_round``)."""
     spec = setup.spec
     agg, attack = components(setup)
     topo = topologies.make(spec.topology, **thaw(spec.topology_kw))
-    if topo.n_models != 1:
-        raise NotImplementedError(f"topology {topo.name!r} holds {topo.n_models} models")
     train = make_train(setup, attack)
     craft = make_craft(setup, attack)
     aggregate = make_aggregate(setup, agg)
     apply = make_apply(setup)
+    if topo.n_models == topologies.PER_CLIENT:
+        return peer_round(setup, topo, train, aggregate, apply)
 
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
@@ -327,7 +355,7 @@ def make_round(setup: Setup):
             global_flat,
         )
         params, opt_state = apply(state.params, state.server_opt_state, out.delta, hparams)
-        metrics = round_metrics(out, updates, params, who)
+        metrics = round_metrics(out.info.weight, out.delta, out.delta, updates, params, who)
         new_state = RunState(
             params,
             opt_state,
@@ -342,20 +370,78 @@ def make_round(setup: Setup):
     return round_step
 
 
-def round_metrics(out: Aggregated, updates, params, who: Participants) -> RoundMetrics:
-    """What the round did: the weight each group got, divergence, distances."""
+def peer_round(setup: Setup, topo, train, aggregate, apply):
+    """The round with one model per node: every node trains from its own model, then each
+    node's rule (the same ``Aggregator``, vmapped over nodes, its own state and key)
+    aggregates the rows its neighbourhood weights keep, with its own model as the rule's
+    reference (``global_params``). Exchanging models, the rows are the nodes' trained
+    models and a node's step is ``rule(rows) - own``; exchanging updates, ``rule(rows)``.
+    Neighbourhoods here are dense ``[n, n]`` weights (every rule sees all rows, weight 0
+    for non-neighbours). Metrics are the honest nodes' means."""
+    spec = setup.spec
+    _, ravel_rows = flat_unravel(setup)
+
+    def round_step(state: RunState, hparams: HParams, data: Data):
+        TRACE_COUNT["round"] += 1
+        keys = round_keys(state)
+        who = sample(keys.sample, state.malicious, data, spec.n_clients, spec.n_clients)
+        own = ravel_rows(state.params)  # [n, d]: the nodes' models
+        trained = train(state.params, who, keys.train, hparams, data, own=True)
+        rows = own + trained.updates if topo.exchange == "models" else trained.updates
+        neighbourhoods = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)
+        node_keys = jax.random.split(keys.aggregate, spec.n_clients)
+
+        def node(weights, agg_state, flat, key):
+            out = aggregate(rows, weights, who.clients, agg_state, key, hparams, data, flat)
+            step = out.delta - flat if topo.exchange == "models" else out.delta
+            return out, step
+
+        out, steps = jax.vmap(node)(neighbourhoods, state.agg_state, own, node_keys)
+        params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
+            state.params, state.server_opt_state, steps, hparams
+        )
+        per_node = jax.vmap(round_metrics, in_axes=(0, 0, 0, None, 0, None))(
+            out.info.weight, out.delta, steps, rows, params, who
+        )
+        honest = ~who.is_malicious
+        metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
+        new_state = RunState(
+            params,
+            opt_state,
+            out.agg_state,
+            state.malicious,
+            state.rounds_key,
+            state.round + 1,
+            steps.astype(state.previous_aggregate.dtype),
+        )
+        return new_state, metrics
+
+    return round_step
+
+
+def _honest_mean(values, honest):
+    """Mean of a per-node metric over the honest nodes (booleans: all of them)."""
+    if values.dtype == jnp.bool_:
+        return jnp.all(values)
+    sel = honest.astype(jnp.float32)
+    return jnp.sum(values.astype(jnp.float32) * sel) / jnp.maximum(jnp.sum(sel), 1.0)
+
+
+def round_metrics(weight, reference, step, rows, params, who: Participants) -> RoundMetrics:
+    """What the round did for one model: the weight each group got from its rule
+    (``weight [m]``), the step's norm, divergence (the step or the new model non-finite)
+    and each group's distance to the rule's output ``reference [d]``."""
     is_mal, present = who.is_malicious, who.weights > 0
     leaves = jax.tree_util.tree_leaves(params)
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-    weight = out.info.weight
     return RoundMetrics(
         malicious_weight=jnp.sum(jnp.where(is_mal, weight, 0.0)),
         honest_weight=jnp.sum(jnp.where(is_mal, 0.0, weight)),
         honest_accepted=honest_accepted(weight, present, is_mal, who.weights),
         malicious_participants=jnp.sum(is_mal),
-        update_norm=jnp.linalg.norm(out.delta),
-        finite=jnp.all(jnp.isfinite(out.delta)) & params_finite,
-        **distances_to(out.delta, updates, present, is_mal),
+        update_norm=jnp.linalg.norm(step),
+        finite=jnp.all(jnp.isfinite(step)) & params_finite,
+        **distances_to(reference, rows, present, is_mal),
     )
 
 
@@ -387,10 +473,20 @@ def distances_to(reference, updates, present, is_mal) -> dict:
 
 
 def make_evaluate(setup: Setup, eval_batch: int = 1000):
-    """``evaluate(params, data) -> dict``: the task's test metrics (with ``test_loss``)
-    and, for targeted attacks, the attack success rate."""
+    """``evaluate(state, data) -> dict``: the task's test metrics (``test_loss`` always),
+    the attack success rate for targeted attacks, and with groups (hospitals, cars) the
+    main metric on each group's test samples (``group<g>_test_accuracy``, ...).
+
+    With one model per node, each honest node's model is evaluated (one vmapped pass) and
+    the metrics are their mean, plus the worst node's and the spread of the main metric
+    (``worst_*``, ``spread_*``) and the consensus distance (mean L2 distance of the honest
+    models to their mean); a group's metric is that of its own honest nodes on its test
+    samples."""
     _, attack = components(setup)
     apply_fn, task = setup.module.apply, setup.task
+    main = task.main_metric
+    per_client = topologies.make(setup.spec.topology, **thaw(setup.spec.topology_kw)).n_models
+    _, ravel_rows = flat_unravel(setup)
 
     def predict(params, x):  # float32 [T, ...] -> outputs [T, k], in batches
         total = x.shape[0]
@@ -402,12 +498,37 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
         )
         return outputs.reshape(k * b, -1)[:total]
 
-    def evaluate(params, data: Data):
-        out = task.metrics(predict(params, data.x_test), data.y_test)
+    def one_model(params, data: Data):
+        outputs = predict(params, data.x_test)
+        out = task.metrics(outputs, data.y_test)
         if attack.success is not None:
             out["attack_success_rate"] = attack.success(
                 lambda x: predict(params, x), data.x_test, data.y_test
             )
+        for g in range(setup.n_groups if setup.n_groups > 1 else 0):
+            mask = (data.test_group == g).astype(jnp.float32)
+            out[f"group{g}_{main}"] = task.metrics(outputs, data.y_test, mask)[main]
+        return out
+
+    def evaluate(state: RunState, data: Data):
+        if per_client != topologies.PER_CLIENT:
+            return one_model(state.params, data)
+        per_node = jax.vmap(one_model, in_axes=(0, None))(state.params, data)
+        honest = ~state.malicious
+        out = {k: _honest_mean(v, honest) for k, v in per_node.items() if "group" not in k}
+        for g in range(setup.n_groups if setup.n_groups > 1 else 0):
+            mine = honest & (data.client_group == g)
+            out[f"group{g}_{main}"] = _honest_mean(per_node[f"group{g}_{main}"], mine)
+        scores = jnp.where(honest, per_node[main], jnp.inf)
+        out[f"worst_{main}"] = jnp.min(scores)
+        mean = out[main]
+        var = _honest_mean((per_node[main] - mean) ** 2, honest)
+        out[f"spread_{main}"] = jnp.sqrt(var)
+        models = ravel_rows(state.params)
+        centre = jnp.sum(jnp.where(honest[:, None], models, 0.0), 0) / jnp.maximum(
+            jnp.sum(honest), 1
+        )
+        out["consensus_distance"] = _honest_mean(jnp.sqrt(row_sq_norms(models, centre)), honest)
         return out
 
     return evaluate
@@ -423,7 +544,7 @@ def make_chunk(setup: Setup, n_rounds: int):
         body = lambda s, _: round_step(s, hparams, data)
         state, per_round = jax.lax.scan(body, state, None, length=n_rounds)
         metrics = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_round._asdict().items()}
-        metrics.update(evaluate(state.params, data))
+        metrics.update(evaluate(state, data))
         # a model that evaluates to a non-finite loss has diverged even if its steps looked
         # finite (an overflow inside the forward pass)
         metrics["finite"] = jnp.all(per_round.finite) & jnp.isfinite(metrics["test_loss"])

@@ -32,7 +32,9 @@ class Data(NamedTuple):
     turns them into model inputs); y: ``[N]`` labels of the task's dtype; idx: int32
     ``[n_clients, P]``; count: int32 ``[n_clients]``; x_test: float32 ``[T, ...]`` (scaled);
     y_test ``[T]``; judge_x, judge_y: the judge's data (J = 0 rows without one);
-    proxy_x, proxy_y: the adversary's proxy of it (``carve_held_out``)."""
+    proxy_x, proxy_y: the adversary's proxy of it (``carve_held_out``); client_group
+    ``[n_clients]`` and test_group ``[T]``: int32 group ids (hospital, car) of each client
+    and test sample, all 0 when the dataset has no groups."""
 
     x: jax.Array
     y: jax.Array
@@ -44,6 +46,8 @@ class Data(NamedTuple):
     judge_y: jax.Array
     proxy_x: jax.Array
     proxy_y: jax.Array
+    client_group: jax.Array
+    test_group: jax.Array
 
 
 class Setup(NamedTuple):
@@ -60,6 +64,7 @@ class Setup(NamedTuple):
     task: Task
     x_scale: float  # model input = x.astype(float32) * x_scale
     meta: dict | None = None  # the dataset's extras (e.g. what a closed-loop check needs)
+    n_groups: int = 1  # groups of the dataset (hospitals, cars); 1 when it has none
     # How the round lays out its clients (``layout.with_layout``); neither changes results
     # beyond float reassociation. client_chunk: train at most this many clients at once
     # (``lax.map`` over chunks; None = all in one vmap). mesh: a ``jax.sharding.Mesh`` with
@@ -135,6 +140,7 @@ def prepare(spec: Spec) -> Setup:
         **thaw(spec.partition_kw),
     )
     idx, count = pack([rest[p] for p in parts])
+    client_group, test_group, n_groups = _groups_of(ds, parts, groups)
     to_f = lambda x: jnp.asarray(x).astype(jnp.float32) * ds.x_scale
     data = Data(
         x=jnp.asarray(ds.x_train),
@@ -147,6 +153,8 @@ def prepare(spec: Spec) -> Setup:
         judge_y=jnp.asarray(ds.y_train[judge]),
         proxy_x=to_f(ds.x_train[proxy]),
         proxy_y=jnp.asarray(ds.y_train[proxy]),
+        client_group=jnp.asarray(client_group),
+        test_group=jnp.asarray(test_group),
     )
     task = tasks.make(ds.n_classes)
     module = models.make(spec.model, task.n_outputs, **thaw(spec.model_kw))
@@ -166,7 +174,18 @@ def prepare(spec: Spec) -> Setup:
         task=task,
         x_scale=float(ds.x_scale),
         meta=ds.meta,
+        n_groups=n_groups,
     )
+
+
+def _groups_of(ds, parts, groups):
+    """(client_group [n_clients], test_group [T], n_groups): each client's group (that of
+    most of its samples) and each test sample's; all 0 without groups."""
+    if groups is None or ds.groups_test is None:
+        return np.zeros(len(parts), np.int32), np.zeros(len(ds.y_test), np.int32), 1
+    n_groups = int(max(groups.max(), ds.groups_test.max())) + 1
+    client_group = np.array([np.bincount(groups[p]).argmax() for p in parts], np.int32)
+    return client_group, np.asarray(ds.groups_test, np.int32), n_groups
 
 
 def flat_unravel(setup: Setup):

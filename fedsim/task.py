@@ -55,11 +55,14 @@ def classification(n_classes: int) -> Task:
     def error(logits, y):
         return jnp.mean(jnp.argmax(logits, -1) != y)
 
-    def metrics(logits, y):
-        ones = jnp.ones(y.shape[0], jnp.float32)
+    def metrics(logits, y, mask=None):
+        right = jnp.argmax(logits, -1) == y
+        if mask is None:
+            ones = jnp.ones(y.shape[0], jnp.float32)
+            return {"test_accuracy": jnp.mean(right), "test_loss": cross_entropy(logits, y, ones)}
         return {
-            "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            "test_loss": cross_entropy(logits, y, ones),
+            "test_accuracy": masked_mean(right.astype(jnp.float32), mask),
+            "test_loss": cross_entropy(logits, y, mask),
         }
 
     return Task(
@@ -79,12 +82,14 @@ def regression() -> Task:
     def error(out, y):
         return jnp.mean(squared(out, y))
 
-    def metrics(out, y):
-        mse = error(out, y)
+    def metrics(out, y, mask=None):
+        mask = jnp.ones(y.shape[0], jnp.float32) if mask is None else mask
+        mse = masked_mean(squared(out, y), mask)
+        var = masked_mean((y - masked_mean(y, mask)) ** 2, mask)
         return {
             "test_mse": mse,
-            "test_mae": jnp.mean(jnp.abs(out[:, 0] - y)),
-            "test_r2": 1.0 - mse / jnp.maximum(jnp.var(y), 1e-12),
+            "test_mae": masked_mean(jnp.abs(out[:, 0] - y), mask),
+            "test_r2": 1.0 - mse / jnp.maximum(var, 1e-12),
             "test_loss": mse,
         }
 
