@@ -77,3 +77,15 @@ def test_honest_accepted_counts_fair_shares():
     assert float(honest_accepted(uniform, present, is_mal, counts)) == 1.0  # robust, uniform
     krum = np.array([0.0, 1.0, 0.0, 0.0, 0.0])
     assert float(honest_accepted(krum, present, is_mal, counts)) == pytest.approx(1 / 3)
+
+
+def test_attacks_see_the_previous_aggregate_never_the_rule_state():
+    from fedsim.types import AttackContext
+
+    assert "agg_state" not in AttackContext._fields
+    spec, hparams = to_spec(load_config(None, [*BASE, "aggregator.name=centered_clipping"]))
+    setup = prepare(spec)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
+    step = jax.jit(make_round(setup))
+    state, _ = step(state, hparams, setup.data)
+    np.testing.assert_array_equal(state.previous_aggregate, state.agg_state)

@@ -1,4 +1,5 @@
-"""The fused round: FedAvg against numpy, no retrace across HParams/seeds, determinism."""
+"""Runs through the runner: FedAvg against numpy, no retrace across HParams or seeds,
+determinism, learning, the malicious set, divergence reported as it happens."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,9 @@ from jax.flatten_util import ravel_pytree
 from fedsim import runner
 from fedsim.client import LocalSpec, make_local_train
 from fedsim.config import load_config, to_spec
-from fedsim.data import load
 from fedsim.round import TRACE_COUNT, make_chunk, make_init, make_round
 from fedsim.runner import program
-from fedsim.setup import carve_held_out, prepare
+from fedsim.setup import prepare
 
 BASE = [
     "data.name=digits",
@@ -131,37 +131,3 @@ def test_a_blow_up_in_the_last_round_is_reported():
     huge = jax.tree.map(lambda p: p * 1e30, state.params)  # finite, but logits overflow
     _, metrics = jax.jit(make_chunk(setup, 1))(state._replace(params=huge), hparams, setup.data)
     assert not bool(metrics["finite"])
-
-
-def test_judge_proxy_and_clients_are_disjoint():
-    spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "judge.classes=[0, 2, 3]"]))
-    labels = np.asarray(load(spec.dataset).y_train)
-    judge, proxy, clients = carve_held_out(labels, spec)
-    setup = prepare(spec)
-    idx, count = np.asarray(setup.data.idx), np.asarray(setup.data.count)
-    held_by_clients = np.concatenate([idx[i, : count[i]] for i in range(len(count))])
-    assert len(set(judge) & set(proxy)) == 0
-    assert len(set(judge) & set(held_by_clients)) == 0
-    assert len(set(proxy) & set(held_by_clients)) == 0
-    assert set(held_by_clients) <= set(clients)
-    # the default proxy stands for the judge's data: same size and classes, other samples
-    assert len(proxy) == len(judge) == 30
-    assert set(labels[proxy]) <= {0, 2, 3} and set(labels[judge]) <= {0, 2, 3}
-    np.testing.assert_array_equal(np.asarray(setup.data.judge_y), labels[judge])
-    np.testing.assert_array_equal(np.asarray(setup.data.proxy_y), labels[proxy])
-    # an omniscient adversary's proxy is the judge's set itself, only when asked for
-    spec, _ = to_spec(load_config(None, [*BASE, "judge.size=30", "proxy.source=judge"]))
-    judge, proxy, _ = carve_held_out(labels, spec)
-    np.testing.assert_array_equal(judge, proxy)
-
-
-def test_attacks_see_the_previous_aggregate_never_the_rule_state():
-    from fedsim.types import AttackContext
-
-    assert "agg_state" not in AttackContext._fields
-    spec, hparams = to_spec(load_config(None, [*BASE, "aggregator.name=centered_clipping"]))
-    setup = prepare(spec)
-    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
-    step = jax.jit(make_round(setup))
-    state, _ = step(state, hparams, setup.data)
-    np.testing.assert_array_equal(state.previous_aggregate, state.agg_state)
