@@ -31,8 +31,9 @@ omniscient, its own clients' benign updates when partial; ``common.pool``):
   from a centre along a ray and the largest step still accepted is found in-graph
   (``common.largest_accepted``): Krum and Multi-Krum by their own score
   (``common.krum_acceptor``; for Multi-Krum every copy must be among the averaged rows);
-  MeaMed, Bulyan (along the ray from the pool's median to the corner of its range), DnC,
-  SignGuard, Zeno, LRR and ERR by running the rule itself on the pool plus the crafted
+  MeaMed, Bulyan (along the ray from the pool's median to the goal's point clipped into
+  the pool's range), DnC, SignGuard, Zeno, LRR and ERR (along the goal from the pool's
+  update nearest its mean) by running the rule itself on the pool plus the crafted
   copies (behaviour-based rules judging with the adversary's proxy data in place of the
   judge's; randomised rules with the adversary's own key, not the rule's) and accepting
   while the crafted rows keep at least ``min_share`` (0.8) of their share of the round.
@@ -179,15 +180,18 @@ def rule_region(
         return Region("search", mean, ray=lambda g: reach * unit(g), accepts=krum_accepts)
     if rule in SIMULATED_RULES:
         accepts = simulated_acceptor(setup, rows, mask, crafted, ctx, min_share)
-        if rule in RANGE_SEARCH_RULES:
+        reach = 4.0 * scale * radius
+        if rule in RANGE_SEARCH_RULES:  # toward the goal's point clipped into the range
             lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted)
             med = masked_median(rows, mask)
-            corner = lambda g: jnp.where(g > 0, hi, jnp.where(g < 0, lo, med)) - med
-            ray = lambda g: scale * corner(g)
+            ray = lambda g: jnp.clip(med + reach * unit(g), lo, hi) - med
             return Region("search", med, ray=ray, accepts=_shifted(accepts, med))
-        reach = 4.0 * scale * radius
+        # from a typical honest update (the pool's row nearest its mean), which the rule
+        # accepts as it is; the mean itself need not look like any update (SignGuard's
+        # sign statistics of an average are not those of one client's update)
+        typical = rows[jnp.argmin(jnp.where(mask, row_sq_norms(rows, mean), jnp.inf))]
         return Region(
-            "search", mean, ray=lambda g: reach * unit(g), accepts=_shifted(accepts, mean)
+            "search", typical, ray=lambda g: reach * unit(g), accepts=_shifted(accepts, typical)
         )
     return Region("ball", mean, radius=scale * radius)
 
