@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import reference_aggregators as ref
 
+from fedsim import kernels as ops
 from fedsim.aggregators import PRE, REGISTRY, make, reduce
-from fedsim.aggregators import _ops as ops
 from fedsim.aggregators.distance import coordinate_subset
 from fedsim.registry import ConfigError
 from fedsim.types import AggContext

@@ -22,7 +22,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators import _ops as ops
+from fedsim import kernels as ops
 from fedsim.registry import ConfigError, Registry
 from fedsim.types import AggContext, AggInfo, Aggregator
 

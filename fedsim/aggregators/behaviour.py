@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedsim import kernels as ops
 from fedsim.aggregators import REGISTRY, _no_state, make, normalized
-from fedsim.aggregators import _ops as ops
 from fedsim.registry import ConfigError
 from fedsim.types import AggContext, AggInfo, Aggregator
 

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedsim import kernels as ops
 from fedsim.aggregators import REGISTRY, _no_state, normalized
-from fedsim.aggregators import _ops as ops
 from fedsim.types import AggContext, AggInfo, Aggregator
 
 
@@ -320,7 +320,7 @@ def distances_to(x, v):
     The squared differences are summed around ``v`` (``ops.row_sq_norms(x, v)``, one pass
     over column blocks; ``norm(x - v, axis=1)`` runs a slow row reduction over a broadcast
     difference on XLA:CPU). The expanded ``|x_i|² - 2 x_i·v + |v|²``, one matrix-vector
-    product, ran about 2x faster at n=1000, d=1e5 but is not used: near convergence the
+    product, ran faster at n=1000, d=1e5 but is not used: near convergence the
     rows are close to ``v`` and its float32 cancellation error, about ``1e-7 |x_i|²``,
     dwarfs the distances (and ν): at ``|v| = 100`` with rows ``1e-4`` apart it returned 0
     or noise. (Computing each new point and its distances in one pass over the rows was

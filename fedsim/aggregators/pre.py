@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators import _ops as ops
+from fedsim import kernels as ops
 from fedsim.registry import Registry
 from fedsim.types import AggContext
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import dot
+from fedsim.kernels import dot, masked_median, pairwise_sq_dists, sum_smallest_by_sort
 from fedsim.registry import ConfigError
 from fedsim.types import AttackContext, AttackSetup
 
@@ -156,32 +156,12 @@ def masked_std(x: Array, mask: Array) -> Array:
     return jnp.sqrt(jnp.sum(dev * dev, axis=0) / jnp.maximum(k - 1.0, 1.0))
 
 
-def masked_median(x: Array, mask: Array) -> Array:
-    """Per-coordinate median of the masked rows (mean of the two middle ones if even)."""
-    k = jnp.sum(mask.astype(jnp.int32))
-    s = jnp.sort(jnp.where(mask[:, None], x, jnp.inf), axis=0)
-    lo = jnp.take(s, jnp.maximum((k - 1) // 2, 0), axis=0)
-    hi = jnp.take(s, jnp.maximum(k // 2, 0), axis=0)
-    med = 0.5 * (lo + hi)
-    return jnp.where(k > 0, med, jnp.zeros_like(med))
-
-
 def masked_max(x: Array, mask: Array) -> Array:
     return jnp.max(jnp.where(mask[:, None], x, -jnp.inf), axis=0)
 
 
 def masked_min(x: Array, mask: Array) -> Array:
     return jnp.min(jnp.where(mask[:, None], x, jnp.inf), axis=0)
-
-
-def pairwise_sq_dists(x: Array) -> Array:
-    """``[n, n]`` squared L2 distances via one Gram matrix, clamped at 0.
-
-    Callers centre ``x`` first (distances do not change) so the Gram trick keeps precision.
-    """
-    gram = dot(x, x.T)
-    sq = jnp.diagonal(gram)  # the squared norms, without a pass over x
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
 
 
 def spread(dists: Array, mask: Array, statistic: str) -> Array:
@@ -281,17 +261,6 @@ def krum_options(setup: AttackSetup):
     return f, (1 if setup.rule == "krum" else kw.get("m"))
 
 
-def sum_smallest(values: Array, k) -> Array:
-    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded).
-
-    Unlike ``fedsim.aggregators._ops.sum_smallest`` (a radix select for the rules' large
-    ``[n, n]`` distance matrices, ``k >= 1``), ``k`` may be a float, zero or negative
-    here (a sum of nothing), as the Krum acceptance test needs."""
-    s = jnp.sort(values, axis=-1)
-    take = jnp.arange(values.shape[-1]) < k
-    return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
-
-
 def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
     """``accepts(lams) -> bool [K]``: would Krum select the crafted update
     ``base + lams[k] * direction``?
@@ -342,7 +311,7 @@ def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
         pool_scores = from_pool + copies * hc
         pool_scores = jnp.where(mask[None, :], pool_scores, inf)
         # The crafted row's own k nearest: its c - 1 identical mates (distance 0) first.
-        crafted_scores = sum_smallest(hc, k - jnp.maximum(c_int - 1, 0))
+        crafted_scores = sum_smallest_by_sort(hc, k - jnp.maximum(c_int - 1, 0))
         beaten_by = jnp.sum(pool_scores < crafted_scores[:, None], axis=1)
         return beaten_by < chosen
 

@@ -43,17 +43,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import row_sq_norms, select
 from fedsim.attacks.common import (
     count,
     krum_acceptor,
     krum_options,
     largest_accepted,
     masked_mean,
-    masked_median,
     rule_kw,
     spread,
 )
+from fedsim.kernels import masked_median, row_sq_norms, select
 from fedsim.types import AggContext, AttackContext, AttackSetup
 
 Array = jax.Array

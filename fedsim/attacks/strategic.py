@@ -37,7 +37,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import dot, row_sq_norms
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
     MODEL_POISONING_OPTS,
@@ -64,6 +63,7 @@ from fedsim.attacks.regions import (
     rule_region,
     unit,
 )
+from fedsim.kernels import dot, row_sq_norms
 from fedsim.registry import ConfigError
 from fedsim.types import Attack
 

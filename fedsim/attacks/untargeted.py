@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
-from fedsim.aggregators._ops import row_sq_norms
 from fedsim.attacks import REGISTRY
 from fedsim.attacks.common import (
     KRUM_RULES,
@@ -35,14 +34,13 @@ from fedsim.attacks.common import (
     masked_min,
     masked_std,
     number,
-    pairwise_sq_dists,
     parse,
     pool,
     present,
     single_or_jittered,
-    sum_smallest,
 )
 from fedsim.attacks.data import make_goal
+from fedsim.kernels import pairwise_sq_dists, row_sq_norms, sum_smallest_by_sort
 from fedsim.types import Attack
 
 
@@ -215,7 +213,7 @@ def fang_krum_bound(rows, mask, n_crafted):
     dist = jnp.sqrt(pairwise_sq_dists(rows - masked_mean(rows, mask)))
     n = rows.shape[0]
     dist = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), dist, jnp.inf)
-    nearest = sum_smallest(dist, jnp.maximum(count(mask) - 2.0, 1.0))
+    nearest = sum_smallest_by_sort(dist, jnp.maximum(count(mask) - 2.0, 1.0))
     nearest = jnp.min(jnp.where(mask, nearest, jnp.inf))
     norms = jnp.max(jnp.where(mask, jnp.sqrt(row_sq_norms(rows)), 0.0))
     root_d = jnp.sqrt(jnp.float32(d))
