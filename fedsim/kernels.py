@@ -138,28 +138,38 @@ def safe_div(a, b):
     return jnp.where(b != 0, a / jnp.where(b != 0, b, 1), 0)
 
 
-def pairwise_sq_dists(updates: jax.Array, ok: jax.Array | None = None) -> jax.Array:
-    """``[n, n]`` squared L2 distances from one Gram matrix, clamped at 0.
+def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
+    """``[n, n]`` squared L2 distances from one Gram matrix (``self_gram``), clamped at 0.
 
-    With ``ok`` (``[n]`` bool), rows where it is False (absent or non-finite) are infinitely
-    far from every row, themselves included, and ``d(i, i) = 0`` exactly for the others.
-    They are masked after the product rather than zeroed before it (a pass over
-    ``[n, d]``): entry ``(i, j)`` of the Gram matrix only reads rows ``i`` and ``j``, so a
-    NaN row spoils only its own row and column, which the mask replaces.
-
-    Without ``ok`` (the attacks, which mask their pool afterwards) the distances are
-    returned as computed, the diagonal included. The Gram trick loses precision for rows
-    far from the origin compared with their spread: callers centre such rows first
-    (distances do not change).
+    Rows where ``ok`` is False (absent or non-finite) are infinitely far from every row,
+    themselves included, and ``d(i, i) = 0`` exactly for the others. They are masked after
+    the product rather than zeroed before it (a pass over ``[n, d]``): entry ``(i, j)`` of
+    the Gram matrix only reads rows ``i`` and ``j``, so a NaN row spoils only its own row
+    and column, which the mask replaces. ``gram_sq_dists`` is the attacks' form (see there
+    for why there are two).
     """
-    gram = self_gram(updates)
-    sq = jnp.diagonal(gram)  # the squared norms, free
-    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
-    if ok is None:
-        return dist
+    dist = _sq_dists(self_gram(updates))
     both = ok[:, None] & ok[None, :]
     dist = jnp.where(both, dist, jnp.inf)
     return dist.at[jnp.diag_indices_from(dist)].set(jnp.where(ok, 0.0, jnp.inf))
+
+
+def gram_sq_dists(x: jax.Array) -> jax.Array:
+    """``[n, n]`` squared L2 distances of all rows of ``x`` from one plain Gram product
+    ``x @ x.T``, clamped at 0, unmasked, the diagonal as computed. The Gram trick loses
+    precision for rows far from the origin compared with their spread: the attacks, which
+    call this one, centre their pool first (distances do not change) and mask it after.
+
+    Why two: ``pairwise_sq_dists`` (the rules) builds the Gram matrix by blocks from 512
+    rows on, summing column chunks in another order, which moves the last bits of the
+    distances at large n and d; the attacks' numbers stay what they were, bit for bit.
+    """
+    return _sq_dists(dot(x, x.T))
+
+
+def _sq_dists(gram: jax.Array) -> jax.Array:
+    sq = jnp.diagonal(gram)  # the squared norms, free
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
 
 
 def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:

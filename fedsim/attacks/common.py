@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsim.kernels import dot, masked_median, pairwise_sq_dists, sum_smallest_by_sort
+from fedsim.kernels import dot, gram_sq_dists, masked_median, sum_smallest_by_sort
 from fedsim.registry import ConfigError
 from fedsim.types import AttackContext, AttackSetup
 
@@ -283,7 +283,7 @@ def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
     n = rows.shape[0]
     m = count(mask) + n_crafted
     k = jnp.maximum(m - f - 2.0, 1.0)
-    pp = pairwise_sq_dists(h)
+    pp = gram_sq_dists(h)
     pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
     hb = dot(h, b)  # [n]
     h_dir = dot(h, direction)  # [n]

@@ -40,7 +40,7 @@ from fedsim.attacks.common import (
     single_or_jittered,
 )
 from fedsim.attacks.data import make_goal
-from fedsim.kernels import pairwise_sq_dists, row_sq_norms, sum_smallest_by_sort
+from fedsim.kernels import gram_sq_dists, row_sq_norms, sum_smallest_by_sort
 from fedsim.types import Attack
 
 
@@ -210,7 +210,7 @@ def fang_krum_bound(rows, mask, n_crafted):
     """
     d = rows.shape[1]
     m = count(mask) + n_crafted
-    dist = jnp.sqrt(pairwise_sq_dists(rows - masked_mean(rows, mask)))
+    dist = jnp.sqrt(gram_sq_dists(rows - masked_mean(rows, mask)))
     n = rows.shape[0]
     dist = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), dist, jnp.inf)
     nearest = sum_smallest_by_sort(dist, jnp.maximum(count(mask) - 2.0, 1.0))
@@ -295,7 +295,7 @@ def min_max_gamma(rows, mask, p):
     """
     mu = masked_mean(rows, mask)
     dev = (rows - mu) * mask[:, None]  # h_i - mu
-    bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], pairwise_sq_dists(dev), 0.0))
+    bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], gram_sq_dists(dev), 0.0))
     a = jnp.sum(p * p)
     half_b = -dot(dev, p)
     c = row_sq_norms(dev) - bound
@@ -311,7 +311,7 @@ def min_sum_gamma(rows, mask, p):
     """
     mu = masked_mean(rows, mask)
     dev = (rows - mu) * mask[:, None]
-    sums = jnp.sum(jnp.where(mask[None, :], pairwise_sq_dists(dev), 0.0), axis=1)
+    sums = jnp.sum(jnp.where(mask[None, :], gram_sq_dists(dev), 0.0), axis=1)
     bound = jnp.max(jnp.where(mask, sums, 0.0))
     a = count(mask) * jnp.sum(p * p)
     slack = jnp.maximum(bound - jnp.sum(dev * dev), 0.0)
