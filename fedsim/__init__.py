@@ -6,10 +6,12 @@ import os
 from importlib import metadata
 
 # XLA:CPU in jaxlib 0.10 hands reductions to YNNPACK fusions, which run coordinate-wise
-# reductions over client rows (``sum(x, axis=0)``, ALIE's std) 5-40x slower than XLA's own
-# loops: one MNIST round of 1,000 clients took 0.39 s with them and 0.26 s without. (The
-# price: a row reduction of a product, ``sum(x * x, axis=1)``, then materialises the
-# product; the aggregators avoid those where it mattered.)
+# reductions over client rows (``sum(x, axis=0)``, ALIE's std) several times slower than
+# XLA's own loops, and whole MNIST rounds of 1,000 clients ran slower with them (no file in
+# bench/results records the comparison: bench/round_throughput.py run with and without
+# FEDSIM_XLA_TUNING=0 measures it). (The price: a row reduction of a product,
+# ``sum(x * x, axis=1)``, then materialises the product; the aggregators avoid those where
+# it mattered.)
 # The flag only exists in jaxlib versions that have these fusions, and an unknown flag is
 # fatal, so it is added for the tested versions only, before jax starts its backend, and
 # never over a value the user set. FEDSIM_XLA_TUNING=0 leaves XLA_FLAGS alone.

@@ -3,9 +3,11 @@ traced").
 
 A config is a nested mapping; ``DEFAULTS`` shows every key. Sections ``model``,
 ``aggregator``, ``attack`` and ``data.partition`` hold a ``name`` plus that component's own
-options. Options a component registers as ``traced`` (learning rates, attack scales, the
-clipping radius, ...) go to ``HParams`` so a sweep over them is a ``vmap``, not a
-recompile; everything else fixes shapes or code paths and goes to the hashable ``Spec``.
+options. Rules, pre-aggregation stages and attacks declare their options as records
+(``fedsim.options.Option``) when they register; the options declared ``traced`` (attack
+scales, the clipping radius, ...) go to ``HParams``, as do the learning rates, so a sweep
+over them is a ``vmap``, not a recompile; everything else fixes shapes or code paths and
+goes to the hashable ``Spec``.
 
 Every mistake is a ``ConfigError`` with one line saying what is wrong and what is valid.
 """
@@ -26,10 +28,11 @@ import yaml
 
 from fedsim import aggregators, attacks, models
 from fedsim import topology as topologies
-from fedsim.aggregators.pre import PRE
+from fedsim.aggregators import PRE
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
 from fedsim.data import REGISTRY as DATASETS
+from fedsim.options import Components
 from fedsim.registry import ConfigError, accepted
 from fedsim.spec import HParams, Spec, freeze, thaw
 
@@ -258,13 +261,21 @@ def _prefixed(where: str, name: str, err: Exception) -> ConfigError:
     return ConfigError(f"{head}: {text}")
 
 
-def _check_values(factory, kw: dict, where: str) -> None:
+def _defaults(registry, name: str) -> dict:
+    """Option -> default of component ``name``: from its option records when its registry
+    keeps them, else from its factory's signature."""
+    if isinstance(registry, Components):
+        return {k: opt.default for k, opt in registry.options(name).items()}
+    params = inspect.signature(registry.get(name)).parameters.items()
+    return {k: p.default for k, p in params if p.default is not p.empty}
+
+
+def _check_values(defaults: dict, kw: dict, where: str) -> None:
     """Generic checks of component options: numbers must be finite, an option whose
     default is an integer takes an integer, and ``f`` (clients to tolerate) is >= 0."""
-    params = inspect.signature(factory).parameters
     for key, value in kw.items():
         _finite(value, f"{where}.{key}")
-        default = params[key].default if key in params else None
+        default = defaults.get(key)
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(default, int) and not isinstance(default, bool) and not is_int:
             raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
@@ -287,17 +298,31 @@ def _finite(value, where: str) -> None:
 
 
 def _check_factory(registry, name: str, kw: dict, where: str, **fixed) -> None:
-    """Build the component once with every option so bad options fail now, by name."""
+    """Build the component once with every option so bad options fail now, by name.
+
+    Unknown options and the generic checks (``_check_values``) come first, with the
+    config's own wording; attacks word theirs themselves (``attack 'x': option 'y' ...``,
+    from their records), so for them only the numbers are checked here."""
     factory = registry.get(name)
-    fixed = accepted(factory, **fixed)
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    known = [p for p, v in params.items() if p not in fixed and v.kind is not v.VAR_KEYWORD]
+    if isinstance(registry, Components):
+        fixed = {k: v for k, v in fixed.items() if k in registry.context}
+        known = list(registry.options(name))
+        takes_any = registry.is_open(name)
+        own_words = registry is attacks.REGISTRY
+    else:
+        fixed = accepted(factory, **fixed)
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        known = [p for p, v in params.items() if p not in fixed and v.kind is not v.VAR_KEYWORD]
+        own_words = False
     for key in kw:
-        if key not in params and not takes_any:
+        if key not in known and not takes_any and not own_words:
             valid = ", ".join(known) or "none"
             raise ConfigError(f"unknown option {where}.{key} for {name!r}; valid options: {valid}")
-    _check_values(factory, kw, where)
+    if own_words:
+        _finite(kw, where)
+    else:
+        _check_values(_defaults(registry, name), kw, where)
     try:
         factory(**fixed, **kw)
     except (ConfigError, TypeError, ValueError) as err:
@@ -323,23 +348,25 @@ def _check_model(name: str, kw: dict) -> None:
 
 def _check_aggregator(name: str, kw: dict) -> None:
     """The rule's options, and its pre-aggregation stages (``pre``) with theirs: a stage
-    named by a string takes the top-level options its factory accepts (see
+    named by a string takes the top-level options its record declares (see
     ``fedsim.aggregators.pre``)."""
+    rules = aggregators.REGISTRY
     if "pre" not in kw:
-        _check_factory(aggregators.REGISTRY, name, kw, "aggregator")
+        _check_factory(rules, name, kw, "aggregator")
         return
-    rule = aggregators.REGISTRY.get(name)
+    rules.get(name)
     pre, rest = kw["pre"], {k: v for k, v in kw.items() if k != "pre"}
     if not isinstance(pre, list):
         raise ConfigError(
             "aggregator.pre must be a list of stages, each a name or a mapping with a "
             f"'name' (e.g. [clip] or [{{name: bucketing, s: 2}}]), got {pre!r}"
         )
-    takers = [rule]
+    takers = [(rules, name)]
     for i, entry in enumerate(pre):
         where = f"aggregator.pre[{i}]"
         if isinstance(entry, str):
-            takers.append(PRE.get(entry))
+            PRE.get(entry)
+            takers.append((PRE, entry))
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
             opts = {k: v for k, v in entry.items() if k != "name"}
             _check_factory(PRE, entry["name"], opts, where)
@@ -348,24 +375,19 @@ def _check_aggregator(name: str, kw: dict) -> None:
                 f"{where} must be a stage name or a mapping with a 'name', got {entry!r}; "
                 f"stages: {', '.join(PRE.names())}"
             )
-    taken = set()
-    for factory in takers:
-        taken |= set(accepted(factory, **rest))
-    unknown = sorted(set(rest) - taken)
+
+    def taken_by(registry, who):
+        return {k: v for k, v in rest.items() if registry.accepts(who, k)}
+
+    unknown = sorted(set(rest) - {k for reg, who in takers for k in taken_by(reg, who)})
     if unknown:
-        valid = sorted(
-            p
-            for f in takers
-            for p, v in inspect.signature(f).parameters.items()
-            if v.kind is not v.VAR_KEYWORD
-        )
+        valid = sorted({k for reg, who in takers for k in reg.options(who)})
         raise ConfigError(
             f"unknown option aggregator.{unknown[0]} for {name!r} with its pre stages; "
             f"valid options: {', '.join(valid) or 'none'}"
         )
-    _check_factory(aggregators.REGISTRY, name, accepted(rule, **rest), "aggregator")
-    for entry, factory in zip([e for e in pre if isinstance(e, str)], takers[1:], strict=True):
-        _check_factory(PRE, entry, accepted(factory, **rest), "aggregator")
+    for registry, who in takers:
+        _check_factory(registry, who, taken_by(registry, who), "aggregator")
     try:
         aggregators.make(name, **kw)
     except (ConfigError, TypeError, ValueError) as err:
@@ -442,7 +464,8 @@ def _check_partition(name: str, kw: dict) -> None:
                 f"unknown option data.partition.{key} for {name!r}; "
                 f"valid options: {valid or 'none'}"
             )
-    _check_values(factory, kw, "data.partition")
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    _check_values(defaults, kw, "data.partition")
 
 
 def _check_peer_to_peer(cfg: dict, name: str, kw: dict) -> None:
@@ -551,7 +574,8 @@ def validate(cfg: dict) -> None:
 
 
 def _split_traced(registry, name: str, kw: dict) -> tuple[dict, dict]:
-    traced = set(registry.meta(name).get("traced", ()))
+    """``(static, traced)`` options of component ``name``, by its option records."""
+    traced = set(registry.traced(name))
     static = {k: v for k, v in kw.items() if k not in traced}
     dynamic = {k: float(v) for k, v in kw.items() if k in traced}
     return static, dynamic
@@ -564,11 +588,11 @@ def _split_aggregator(name: str, kw: dict) -> tuple[dict, dict]:
     different values (the rule or string stages, and a mapping stage) stays static."""
     pre = kw.get("pre") or []
     readers: dict[str, set] = {}
-    for k in aggregators.REGISTRY.meta(name).get("traced", ()):
+    for k in aggregators.REGISTRY.traced(name):
         readers.setdefault(k, set()).add("top")
     for i, entry in enumerate(pre):
         stage = entry if isinstance(entry, str) else entry["name"]
-        for k in PRE.meta(stage).get("traced", ()):
+        for k in PRE.traced(stage):
             readers.setdefault(k, set()).add("top" if isinstance(entry, str) else i)
     static = {k: v for k, v in kw.items() if k != "pre"}
     stages = [e if isinstance(e, str) else dict(e) for e in pre]

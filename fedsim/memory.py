@@ -118,8 +118,8 @@ def _hparams_shapes(setup):
 
     spec = setup.spec
     s = jax.ShapeDtypeStruct((), jnp.float32)
-    agg = {k: s for k in aggregators.REGISTRY.meta(spec.aggregator).get("traced", ())}
-    att = {k: s for k in attacks.REGISTRY.meta(spec.attack).get("traced", ())}
+    agg = {k: s for k in aggregators.REGISTRY.traced(spec.aggregator)}
+    att = {k: s for k in attacks.REGISTRY.traced(spec.attack)}
     return HParams(s, s, s, s, s, agg, att)
 
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from fedsim import topology as topologies
-from fedsim.aggregators._ops import row_sq_norms
 from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_steps
+from fedsim.kernels import row_sq_norms
 from fedsim.layout import shard_clients
 from fedsim.setup import Data, Setup, components, flat_unravel
 from fedsim.spec import HParams, thaw

@@ -319,9 +319,10 @@ def run_sweep(
     budget = memory.budget_bytes(memory_gb)
     if max_batch is None and jax.devices()[0].platform == "cpu":
         # On CPU vmapping runs shares no compute and each [runs, m, d] pass leaves the
-        # caches: MNIST, 100 clients, FedAvg + ALIE cost 0.043 / 0.046 / 0.051 / 0.053 s
-        # per run-round at 1 / 2 / 4 / 8 runs per program. One compiled program then runs
-        # the group's runs one after another (`--max-batch` overrides).
+        # caches: on MNIST, 100 clients, FedAvg + ALIE, a run-round cost more the more runs
+        # a program held (measured at 1, 2, 4 and 8; no file in bench/results records it,
+        # bench/results/sweep*.json time sweeps at one run per program). One compiled
+        # program then runs the group's runs one after another (`--max-batch` overrides).
         max_batch = CPU_MAX_BATCH
     if mesh_devices not in (None, 1):
         client_mesh(mesh_devices)  # refuses more devices than exist

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import reference_aggregators as ref
 
+from fedsim import kernels as ops
 from fedsim.aggregators import PRE, REGISTRY, make, reduce
-from fedsim.aggregators import _ops as ops
 from fedsim.aggregators.distance import coordinate_subset
 from fedsim.registry import ConfigError
 from fedsim.types import AggContext
@@ -312,7 +312,7 @@ def test_attackers_stay_outside(name, attack):
     assert np.all(out >= honest.min(0) - 1e-4) and np.all(out <= honest.max(0) + 1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if REGISTRY.meta(n).get("traced")])
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if REGISTRY.traced(n)])
 def test_traced_options_do_not_retrace(name):
     traces = []
     agg = make(name, **_options(name, 2))
@@ -326,7 +326,7 @@ def test_traced_options_do_not_retrace(name):
 
     x, w = _data(11, 6, 9)
     for value in (0.1, 0.3):
-        hp = {k: jnp.float32(value) for k in REGISTRY.meta(name)["traced"]}
+        hp = {k: jnp.float32(value) for k in REGISTRY.traced(name)}
         run(jnp.asarray(x), jnp.asarray(w), hp)
     assert len(traces) == 1
 

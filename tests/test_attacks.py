@@ -116,10 +116,10 @@ def test_absent_rows_are_ignored(name):
 
 
 def _traced_values(name, value):
-    return {k: jnp.float32(value) for k in REGISTRY.meta(name).get("traced", ())}
+    return {k: jnp.float32(value) for k in REGISTRY.traced(name)}
 
 
-TRACED = [n for n in REGISTRY.names() if REGISTRY.meta(n).get("traced")]
+TRACED = [n for n in REGISTRY.names() if REGISTRY.traced(n)]
 
 
 @pytest.mark.parametrize("name", TRACED)

@@ -15,8 +15,8 @@ import pytest
 
 from fedsim import aggregators
 from fedsim.attacks import make, project_l2
-from fedsim.attacks.common import masked_median
 from fedsim.attacks.regions import extreme, rule_region
+from fedsim.kernels import masked_median
 from fedsim.types import AggContext, AttackContext, AttackSetup
 
 C, F = 3, 12  # classes, input features

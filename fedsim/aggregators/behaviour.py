@@ -12,8 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators import REGISTRY, _no_state, make, normalized
-from fedsim.aggregators import _ops as ops
+from fedsim import kernels as ops
+from fedsim.aggregators.base import REGISTRY, Geometry, make, no_state, normalized
+from fedsim.options import Option, at_least
 from fedsim.registry import ConfigError
 from fedsim.types import AggContext, AggInfo, Aggregator
 
@@ -34,8 +35,12 @@ def _bad_last(scores, ok):
     return jnp.where(ok & ~jnp.isnan(scores), scores, -jnp.inf)
 
 
-@REGISTRY.register("fltrust", traced=("root_lr",))
-def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
+@REGISTRY.register(
+    "fltrust",
+    options={"root_lr": Option(0.1, traced=True), "steps": Option(1, at_least(1))},
+    geometry=Geometry("root_update", "cosine"),
+)
+def make_fltrust(root_lr: float, steps: int) -> Aggregator:
     """FLTrust (Cao, Fang, Liu & Gong 2021, NDSS).
 
     Root update ``g0``: ``steps`` (static) full-batch gradient steps of the judge on
@@ -48,7 +53,6 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
     tiny update along ``g0`` is reported with its share of the trust, not ``|g0|/|x_i|``
     times it.
     """
-    ops.check(steps >= 1, f"fltrust: steps must be >= 1, got {steps}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         require_judge("fltrust", ctx)
@@ -68,7 +72,7 @@ def make_fltrust(root_lr: float = 0.1, steps: int = 1) -> Aggregator:
         coef = share * ops.safe_div(root_norm, norms)
         return ops.combine(coef, updates, ok, finite), state, AggInfo(weight=share)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def proposed_losses(metric, updates, ok, ctx):
@@ -77,8 +81,16 @@ def proposed_losses(metric, updates, ok, ctx):
     return jax.vmap(lambda u: metric(ctx.global_params + u, ctx.judge_x, ctx.judge_y))(x)
 
 
-@REGISTRY.register("zeno", traced=("rho", "gamma"))
-def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
+@REGISTRY.register(
+    "zeno",
+    options={
+        "b": Option(0, at_least(0)),
+        "rho": Option(5e-4, traced=True),
+        "gamma": Option(1.0, traced=True),
+    },
+    geometry=Geometry("none", "behaviour", f_option="b"),
+)
+def make_zeno(b: int, rho: float, gamma: float) -> Aggregator:
     """Zeno (Xie, Koyejo & Gupta 2019, ICML).
 
     Stochastic descendant score on the judge's batch, for an update (delta) ``u``:
@@ -86,7 +98,6 @@ def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
     deltas); γ, ρ traced. The ``b`` (static) lowest-scoring present rows are dropped (at
     least one kept) and the rest averaged uniformly. AggInfo.weight: ``1/kept`` each.
     """
-    ops.check(b >= 0, f"zeno: b must be >= 0, got {b}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         require_judge("zeno", ctx)
@@ -104,7 +115,7 @@ def make_zeno(b: int = 0, rho: float = 5e-4, gamma: float = 1.0) -> Aggregator:
         share = normalized(chosen.astype(updates.dtype))
         return ops.combine(share, updates, chosen, finite), state, AggInfo(weight=share)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
@@ -117,7 +128,6 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
     (they are not among the ``f``); of the finite present rows at most all but one are
     removed, so one present row is the base rule's input.
     """
-    ops.check(f >= 0, f"{name}: f must be >= 0, got {f}")
     inner = make(base, **base_kw)
 
     def aggregate(updates, weights, state, ctx: AggContext):
@@ -147,8 +157,17 @@ def _make_rejection(name: str, f: int, base: str, metric_of, base_kw):
     return Aggregator(init=inner.init, aggregate=aggregate)
 
 
-@REGISTRY.register("loss_rejection")
-def make_loss_rejection(f: int = 0, base: str = "mean", **base_kw) -> Aggregator:
+# the options of the rejection rules; the others they take go to the base rule
+REJECTION = {"f": Option(0, at_least(0)), "base": Option("mean")}
+
+
+@REGISTRY.register(
+    "loss_rejection",
+    options=REJECTION,
+    open=True,
+    geometry=Geometry("none", "behaviour", f_option="f"),
+)
+def make_loss_rejection(f: int, base: str, **base_kw) -> Aggregator:
     """Loss-based rejection, LRR (Fang, Cao, Jia & Gong 2020, "Local model poisoning
     attacks to Byzantine-robust federated learning"): remove the ``f`` updates whose
     inclusion in the ``base`` rule (default ``mean``; its options in ``base_kw``) raises
@@ -158,8 +177,13 @@ def make_loss_rejection(f: int = 0, base: str = "mean", **base_kw) -> Aggregator
     return _make_rejection("loss_rejection", f, base, lambda ctx: ctx.loss_fn, base_kw)
 
 
-@REGISTRY.register("error_rejection")
-def make_error_rejection(f: int = 0, base: str = "mean", error_fn=None, **base_kw) -> Aggregator:
+@REGISTRY.register(
+    "error_rejection",
+    options={**REJECTION, "error_fn": Option(None)},
+    open=True,
+    geometry=Geometry("none", "behaviour", f_option="f"),
+)
+def make_error_rejection(f: int, base: str, error_fn, **base_kw) -> Aggregator:
     """Error-based rejection, ERR (Fang et al. 2020): as ``loss_rejection`` with the error
     rate in place of the loss.
 

@@ -27,9 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedsim.aggregators import REGISTRY, _no_state, normalized
-from fedsim.aggregators import _ops as ops
+from fedsim import kernels as ops
+from fedsim.aggregators.base import REGISTRY, Geometry, no_state, normalized
+from fedsim.options import Option, at_least, holds
 from fedsim.types import AggContext, AggInfo, Aggregator
+
+F = Option(0, at_least(0))  # f, the number of Byzantine rows a rule tolerates (static)
 
 
 def _count(present):
@@ -39,7 +42,7 @@ def _count(present):
 # --- coordinate-wise order statistics -----------------------------------------------------
 
 
-@REGISTRY.register("median")
+@REGISTRY.register("median", options={}, geometry=Geometry("median", "box"))
 def make_median() -> Aggregator:
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-robust distributed learning").
 
@@ -55,11 +58,17 @@ def make_median() -> Aggregator:
         out, w = ops.coordinatewise(lambda xb, p: ops.median_block(xb, p, m), updates, present)
         return out, state, AggInfo(weight=w)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
-@REGISTRY.register("trimmed_mean", traced=("beta",))
-def make_trimmed_mean(beta: float = 0.1) -> Aggregator:
+@REGISTRY.register(
+    "trimmed_mean",
+    options={
+        "beta": Option(0.1, holds(lambda b: 0 <= b < 0.5, "must be in [0, 0.5)"), traced=True)
+    },
+    geometry=Geometry("median", "box", trim_option="beta"),
+)
+def make_trimmed_mean(beta: float) -> Aggregator:
     """Coordinate-wise β-trimmed mean (Yin et al. 2018).
 
     Per coordinate, drop the ``k = ⌊β m⌋`` largest and ``k`` smallest present values and
@@ -68,7 +77,6 @@ def make_trimmed_mean(beta: float = 0.1) -> Aggregator:
     for each kept value (copies tied at a cut share the kept places), averaged over
     coordinates.
     """
-    ops.check(0 <= beta < 0.5, f"trimmed_mean: beta must be in [0, 0.5), got {beta}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         present = ops.present_mask(weights)
@@ -78,7 +86,7 @@ def make_trimmed_mean(beta: float = 0.1) -> Aggregator:
         out, w = ops.coordinatewise(lambda xb, p: ops.trimmed_block(xb, p, m, k), updates, present)
         return out, state, AggInfo(weight=w)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def _mean_around_median(updates, rows, n_rows, q):
@@ -93,8 +101,8 @@ def _mean_around_median(updates, rows, n_rows, q):
     return ops.coordinatewise(block, updates, rows)
 
 
-@REGISTRY.register("meamed")
-def make_meamed(f: int = 0) -> Aggregator:
+@REGISTRY.register("meamed", options={"f": F}, geometry=Geometry("median", "filter", f_option="f"))
+def make_meamed(f: int) -> Aggregator:
     """Mean around the median, MeaMed (Xie, Koyejo & Gupta 2018, "Generalized
     Byzantine-tolerant SGD").
 
@@ -102,7 +110,6 @@ def make_meamed(f: int = 0) -> Aggregator:
     median. Values tied at the cut distance enter through their average (order-free).
     Needs ``n > 2f``. AggInfo.weight: ``1/(m-f)`` per kept value, averaged over coordinates.
     """
-    ops.check(f >= 0, f"meamed: f must be >= 0, got {f}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         n = updates.shape[0]
@@ -114,7 +121,7 @@ def make_meamed(f: int = 0) -> Aggregator:
         out, w = _mean_around_median(updates, present, m, q)
         return out, state, AggInfo(weight=w)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 # --- Krum family --------------------------------------------------------------------------
@@ -155,8 +162,8 @@ def _check_krum(name, n, f):
     ops.check(n > 2 * f + 2, f"{name}: needs n > 2f + 2 (n={n}, f={f})")
 
 
-@REGISTRY.register("krum")
-def make_krum(f: int = 0) -> Aggregator:
+@REGISTRY.register("krum", options={"f": F}, geometry=Geometry("mean", "score", f_option="f"))
+def make_krum(f: int) -> Aggregator:
     """Krum (Blanchard et al. 2017): the present update with the lowest Krum score.
 
     Score = sum of squared L2 distances to the ``m - f - 2`` nearest other present updates
@@ -177,11 +184,15 @@ def make_krum(f: int = 0) -> Aggregator:
         out = jnp.where(found, updates[best], 0)
         return out, state, AggInfo(weight=pick.astype(updates.dtype))
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
-@REGISTRY.register("multi_krum")
-def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
+@REGISTRY.register(
+    "multi_krum",
+    options={"f": F, "m": Option(None, at_least(1, allow_none=True))},
+    geometry=Geometry("mean", "score", f_option="f", select_option="m"),
+)
+def make_multi_krum(f: int, m: int | None) -> Aggregator:
     """Multi-Krum (Blanchard et al. 2017): the mean of the ``m`` updates with the lowest
     Krum scores (scores as in ``krum``, ``m - f - 2`` neighbours).
 
@@ -191,7 +202,6 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
     selected, so with fewer than ``m`` finite present rows the mean is over those (0 when
     there are none). AggInfo.weight: ``1/|selected|`` on each selected client.
     """
-    ops.check(m is None or m >= 1, f"multi_krum: m must be >= 1, got {m}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         _check_krum("multi_krum", updates.shape[0], f)
@@ -204,7 +214,7 @@ def make_multi_krum(f: int = 0, m: int | None = None) -> Aggregator:
         out = ops.combine(share, updates, chosen, ok)
         return out, state, AggInfo(weight=share)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def iterated_krum(updates, present, f, count):
@@ -250,8 +260,8 @@ def iterated_krum(updates, present, f, count):
     return picked
 
 
-@REGISTRY.register("bulyan")
-def make_bulyan(f: int = 0) -> Aggregator:
+@REGISTRY.register("bulyan", options={"f": F}, geometry=Geometry("median", "filter", f_option="f"))
+def make_bulyan(f: int) -> Aggregator:
     """Bulyan (El Mhamdi, Guerraoui & Rouhault 2018) over Krum.
 
     Select ``θ = m - 2f`` updates by iterated Krum (each round removes its pick), then per
@@ -277,14 +287,18 @@ def make_bulyan(f: int = 0) -> Aggregator:
         out, w = _mean_around_median(updates, chosen, picked, beta)
         return out, state, AggInfo(weight=w)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 # --- iterative and clipping rules ---------------------------------------------------------
 
 
-@REGISTRY.register("geometric_median", traced=("nu",))
-def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
+@REGISTRY.register(
+    "geometric_median",
+    options={"iters": Option(10, at_least(0)), "nu": Option(1e-6, traced=True)},
+    geometry=Geometry("mean", "ball"),
+)
+def make_geometric_median(iters: int, nu: float) -> Aggregator:
     """Geometric median by smoothed Weiszfeld, RFA (Pillutla, Kakade & Harchaoui 2022).
 
     Minimises ``sum_i α_i max(ν, |v - x_i|)``, α = normalised weights (RFA weighs by
@@ -293,7 +307,6 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
     (``hparams["nu"]``). Non-finite rows get β = 0. AggInfo.weight: the final β,
     normalised.
     """
-    ops.check(iters >= 0, f"geometric_median: iters must be >= 0, got {iters}")
 
     def aggregate(updates, weights, state, ctx: AggContext):
         eps = ctx.hparams.get("nu", nu)
@@ -310,7 +323,7 @@ def make_geometric_median(iters: int = 10, nu: float = 1e-6) -> Aggregator:
         v, beta = lax.fori_loop(0, iters, step, (v0, alpha))
         return v, state, AggInfo(weight=beta)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def distances_to(x, v):
@@ -320,7 +333,7 @@ def distances_to(x, v):
     The squared differences are summed around ``v`` (``ops.row_sq_norms(x, v)``, one pass
     over column blocks; ``norm(x - v, axis=1)`` runs a slow row reduction over a broadcast
     difference on XLA:CPU). The expanded ``|x_i|² - 2 x_i·v + |v|²``, one matrix-vector
-    product, ran about 2x faster at n=1000, d=1e5 but is not used: near convergence the
+    product, ran faster at n=1000, d=1e5 but is not used: near convergence the
     rows are close to ``v`` and its float32 cancellation error, about ``1e-7 |x_i|²``,
     dwarfs the distances (and ν): at ``|v| = 100`` with rows ``1e-4`` apart it returned 0
     or noise. (Computing each new point and its distances in one pass over the rows was
@@ -336,8 +349,12 @@ def clip_factor(norms, tau):
     return jnp.where(jnp.isfinite(norms), shrink, 0.0)
 
 
-@REGISTRY.register("centered_clipping", traced=("tau",))
-def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
+@REGISTRY.register(
+    "centered_clipping",
+    options={"tau": Option(1.0, traced=True), "iters": Option(1, at_least(1))},
+    geometry=Geometry("previous_aggregate", "ball", radius_option="tau"),
+)
+def make_centered_clipping(tau: float, iters: int) -> Aggregator:
     """Centred clipping (Karimireddy, He & Jaggi 2021, "Learning from history").
 
     From the reference ``v`` = the previous round's aggregate (AggState, zeros at first),
@@ -346,7 +363,6 @@ def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
     Non-finite rows get ``c_i = 0``. State: the aggregate. AggInfo.weight: the coefficient of
     each row in the result (the rest of the weight stays on the previous aggregate).
     """
-    ops.check(iters >= 1, f"centered_clipping: iters must be >= 1, got {iters}")
 
     def init(flat_params, n_clients):
         return jnp.zeros_like(flat_params)
@@ -370,8 +386,12 @@ def make_centered_clipping(tau: float = 1.0, iters: int = 1) -> Aggregator:
     return Aggregator(init=init, aggregate=aggregate)
 
 
-@REGISTRY.register("norm_bound", traced=("max_norm", "noise_std"))
-def make_norm_bound(max_norm: float = 1.0, noise_std: float = 0.0) -> Aggregator:
+@REGISTRY.register(
+    "norm_bound",
+    options={"max_norm": Option(1.0, traced=True), "noise_std": Option(0.0, traced=True)},
+    geometry=Geometry("origin", "ball", radius_option="max_norm"),
+)
+def make_norm_bound(max_norm: float, noise_std: float) -> Aggregator:
     """Norm bounding (Sun et al. 2019, "Can you really backdoor federated learning?").
 
     Each update is scaled to norm at most ``max_norm``, then weighted-averaged (the weight
@@ -390,7 +410,7 @@ def make_norm_bound(max_norm: float = 1.0, noise_std: float = 0.0) -> Aggregator
         noise = std * jax.random.normal(ctx.key, (updates.shape[1],), updates.dtype)
         return ops.combine(coef, updates, ok) + noise, state, AggInfo(weight=coef)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 # --- spectral and similarity-based rules --------------------------------------------------
@@ -401,8 +421,12 @@ def coordinate_subset(key, d, b):
     return jax.random.permutation(key, d)[:b] if b < d else jnp.arange(d)
 
 
-@REGISTRY.register("dnc")
-def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) -> Aggregator:
+@REGISTRY.register(
+    "dnc",
+    options={"f": F, "iters": Option(1), "sub_dim": Option(10_000), "c": Option(1.0)},
+    geometry=Geometry("mean", "filter", f_option="f"),
+)
+def make_dnc(f: int, iters: int, sub_dim: int, c: float) -> Aggregator:
     """Divide-and-Conquer (Shejwalkar & Houmansadr 2021, NDSS).
 
     ``iters`` (static) times: draw ``sub_dim`` coordinates (``ctx.key``), centre the present
@@ -432,7 +456,7 @@ def make_dnc(f: int = 0, iters: int = 1, sub_dim: int = 10_000, c: float = 1.0) 
         share = normalized(good.astype(updates.dtype))
         return ops.combine(share, updates, good, ok), state, AggInfo(weight=share)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def dnc_scores(sub, ok):
@@ -447,8 +471,12 @@ def dnc_scores(sub, ok):
     return vals[-1] * vecs[:, -1] ** 2
 
 
-@REGISTRY.register("foolsgold", traced=("kappa",))
-def make_foolsgold(kappa: float = 1.0) -> Aggregator:
+@REGISTRY.register(
+    "foolsgold",
+    options={"kappa": Option(1.0, traced=True)},
+    geometry=Geometry("none", "similarity"),
+)
+def make_foolsgold(kappa: float) -> Aggregator:
     """FoolsGold (Fung, Yoon & Beschastnikh 2020).
 
     State: ``[n_clients, d]`` running sums of each client's updates, indexed by
@@ -499,10 +527,17 @@ def foolsgold_alpha(history, ok, kappa):
     return jnp.where(ok, jnp.clip(kappa * logit, 0, 1), 0)
 
 
-@REGISTRY.register("signguard", traced=("lower", "upper"))
-def make_signguard(
-    lower: float = 0.1, upper: float = 3.0, coord_frac: float = 0.1, shift_iters: int = 20
-) -> Aggregator:
+@REGISTRY.register(
+    "signguard",
+    options={
+        "lower": Option(0.1, traced=True),
+        "upper": Option(3.0, traced=True),
+        "coord_frac": Option(0.1),
+        "shift_iters": Option(20),
+    },
+    geometry=Geometry("mean", "filter"),
+)
+def make_signguard(lower: float, upper: float, coord_frac: float, shift_iters: int) -> Aggregator:
     """SignGuard (Xu et al. 2022, "Byzantine-robust federated learning through collaborative
     malicious gradient filtering").
 
@@ -536,7 +571,7 @@ def make_signguard(
         coef = jnp.where(chosen, coef, 0)
         return ops.combine(coef, updates, chosen, finite), state, AggInfo(weight=coef)
 
-    return Aggregator(init=_no_state, aggregate=aggregate)
+    return Aggregator(init=no_state, aggregate=aggregate)
 
 
 def largest_cluster(feats, ok, iters):

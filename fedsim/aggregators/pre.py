@@ -15,40 +15,25 @@ Composition (``fedsim.aggregators.make``)::
 
 or in a config: ``aggregator: {name: trimmed_mean, beta: 0.1, f: 10, pre: [nnm]}`` /
 ``pre: [{name: nnm, f: 10}]``. Stages run in list order. A stage named by a string takes
-every top-level option its factory accepts (here ``f`` goes to NNM; an option is passed to
-the rule only if the rule accepts it); a stage given as a mapping takes only the options
-written in it. An option that no stage and not the rule accepts is a ``ConfigError``.
+every top-level option its record declares (here ``f`` goes to NNM; an option is passed to
+the rule only if the rule declares it); a stage given as a mapping takes only the options
+written in it. An option that no stage and not the rule declares is a ``ConfigError``.
 Traced options of stages are read from ``ctx.hparams`` like the rule's (``clip_norm``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators import _ops as ops
-from fedsim.registry import Registry
+from fedsim import kernels as ops
+from fedsim.aggregators.base import PRE, PreAggregator, no_state
+from fedsim.options import Option, at_least
 from fedsim.types import AggContext
 
-PRE = Registry("pre-aggregation stage")
 
-
-class PreAggregator(NamedTuple):
-    """A pre-aggregation stage (see the module docstring)."""
-
-    init: Callable[[jax.Array, int], Any]
-    apply: Callable
-
-
-def _no_state(flat_params, n_clients):
-    return ()
-
-
-@PRE.register("clip", traced=("clip_norm",))
-def make_clip(clip_norm: float = 1.0) -> PreAggregator:
+@PRE.register("clip", options={"clip_norm": Option(1.0, traced=True)})
+def make_clip(clip_norm: float) -> PreAggregator:
     """Static-threshold clipping: each finite row scaled to norm at most ``clip_norm``
     (traced, ``hparams["clip_norm"]``). Non-finite rows pass unchanged, for the rule to
     exclude. mix = diag(shrink factor), 1 for a zero row (nothing to shrink)."""
@@ -60,11 +45,11 @@ def make_clip(clip_norm: float = 1.0) -> PreAggregator:
         scale = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1), 1.0)
         return updates * scale[:, None], weights, state, jnp.diag(scale)
 
-    return PreAggregator(init=_no_state, apply=apply)
+    return PreAggregator(init=no_state, apply=apply)
 
 
-@PRE.register("nnm")
-def make_nnm(f: int = 0) -> PreAggregator:
+@PRE.register("nnm", options={"f": Option(0, at_least(0))})
+def make_nnm(f: int) -> PreAggregator:
     """Nearest-neighbour mixing (Allouah et al. 2023, "Fixing by mixing").
 
     Each present finite row becomes the mean of its ``m - f`` nearest present rows in L2
@@ -73,7 +58,6 @@ def make_nnm(f: int = 0) -> PreAggregator:
     rule to exclude: with fewer than ``m - f`` finite present rows a row mixes the finite
     ones. Absent rows stay absent and are nobody's neighbour.
     """
-    ops.check(f >= 0, f"nnm: f must be >= 0, got {f}")
 
     def apply(updates, weights, state, ctx: AggContext):
         present = ops.present_mask(weights)
@@ -86,11 +70,11 @@ def make_nnm(f: int = 0) -> PreAggregator:
         rows = jnp.where(ok[:, None], ops.combine(mix, updates, ok), updates)
         return rows, weights, state, mix.astype(updates.dtype)
 
-    return PreAggregator(init=_no_state, apply=apply)
+    return PreAggregator(init=no_state, apply=apply)
 
 
-@PRE.register("bucketing")
-def make_bucketing(s: int = 2) -> PreAggregator:
+@PRE.register("bucketing", options={"s": Option(2, at_least(1))})
+def make_bucketing(s: int) -> PreAggregator:
     """Bucketing (Karimireddy, He & Jaggi 2022, "Byzantine-robust learning on heterogeneous
     datasets via bucketing").
 
@@ -99,7 +83,6 @@ def make_bucketing(s: int = 2) -> PreAggregator:
     theirs. Output rows: ``⌈n/s⌉`` (a bucket with no present member is absent). The
     downstream rule's ``f`` counts buckets.
     """
-    ops.check(s >= 1, f"bucketing: s must be >= 1, got {s}")
 
     def apply(updates, weights, state, ctx: AggContext):
         n = updates.shape[0]
@@ -117,4 +100,4 @@ def make_bucketing(s: int = 2) -> PreAggregator:
         spoiled = jnp.any(member & ~ok[None], axis=1)  # a non-finite member spoils its bucket
         return jnp.where(spoiled[:, None], jnp.nan, rows), total, state, mix
 
-    return PreAggregator(init=_no_state, apply=apply)
+    return PreAggregator(init=no_state, apply=apply)

@@ -1,4 +1,5 @@
-"""Shared pieces of the attacks: option checking, masked statistics, projections.
+"""Shared pieces of the attacks: common options, what they know of the rule, masked
+statistics, projections, Krum's acceptance test.
 
 Conventions (all attacks):
 
@@ -15,111 +16,46 @@ Conventions (all attacks):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import dot
-from fedsim.registry import ConfigError
+from fedsim.aggregators.base import REGISTRY as RULES
+from fedsim.aggregators.base import Geometry
+from fedsim.kernels import dot, gram_sq_dists, masked_median, sum_smallest_by_sort
+from fedsim.options import Option, boolean, choice
 from fedsim.types import AttackContext, AttackSetup
 
 Array = jax.Array
 
-# Rules whose reference point is the coordinate-wise median (strategic adversary).
-MEDIAN_RULES = frozenset({"median", "trimmed_mean", "bulyan", "meamed", "phocas"})
-# Rules judging updates by cosine similarity to a direction.
-COSINE_RULES = frozenset({"fltrust", "foolsgold"})
-# Rules whose reference is the previous aggregate (ctx.previous_aggregate).
-PREVIOUS_AGGREGATE_RULES = frozenset({"centered_clipping"})
-KRUM_RULES = frozenset({"krum", "multi_krum"})
-
-
 # --------------------------------------------------------------------------- options
 
-
-class Opt(NamedTuple):
-    """One option: its default and a check returning an error text or ``None``."""
-
-    default: Any
-    check: Callable[[Any], str | None]
-
-
-def number(lo: float | None = None, hi: float | None = None, *, allow_none: bool = False):
-    """Check for a real number in ``[lo, hi]`` (``None`` allowed if ``allow_none``)."""
-
-    def check(v):
-        if v is None and allow_none:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"must be a number, got {v!r}"
-        if lo is not None and v < lo:
-            return f"must be >= {lo}, got {v!r}"
-        if hi is not None and v > hi:
-            return f"must be <= {hi}, got {v!r}"
-        return None
-
-    return check
-
-
-def integer(lo: int = 0, *, allow_none: bool = False):
-    def check(v):
-        if v is None and allow_none:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            return f"must be an integer >= {lo}, got {v!r}"
-        return None
-
-    return check
-
-
-def choice(*allowed):
-    def check(v):
-        return None if v in allowed else f"must be one of {', '.join(map(str, allowed))}, got {v!r}"
-
-    return check
-
-
-def boolean(v):
-    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
-
-
-def anything(v):
-    return None
-
-
 MODEL_POISONING_OPTS = {
-    "knowledge": Opt("omniscient", choice("omniscient", "partial")),
-    "knows_rule": Opt(True, boolean),
+    "knowledge": Option("omniscient", choice("omniscient", "partial")),
+    "knows_rule": Option(True, boolean),
 }
 
 
-def parse(attack: str, kw: dict, spec: dict[str, Opt]) -> tuple[dict, AttackSetup]:
-    """Check ``kw`` against ``spec``; returns (options with defaults filled, setup).
-
-    Raises ``ConfigError`` with a one-line message on an unknown option or a bad value.
-    """
-    kw = dict(kw)
-    setup = kw.pop("setup", None) or AttackSetup()
-    unknown = sorted(set(kw) - set(spec))
-    if unknown:
-        raise ConfigError(
-            f"attack {attack!r}: unknown option(s) {', '.join(unknown)}; "
-            f"valid options: {', '.join(sorted(spec)) or 'none'}"
-        )
-    out = {}
-    for name, opt in spec.items():
-        value = kw.get(name, opt.default)
-        problem = opt.check(value)
-        if problem:
-            raise ConfigError(f"attack {attack!r}: option {name!r} {problem}")
-        out[name] = value
-    return out, setup
+# --------------------------------------------------------------------------- the rule
 
 
 def rule_kw(setup: AttackSetup) -> dict:
+    """The rule's static options as configured (``setup.rule_kw``)."""
     return dict(setup.rule_kw)
+
+
+def rule_geometry(setup: AttackSetup, knows_rule: bool = True) -> Geometry:
+    """The geometry of the rule the attack faces (``fedsim.aggregators.base.Geometry``),
+    read from the rule's registration; the mean's when the adversary does not know the
+    rule (or it is no registered rule)."""
+    return RULES.geometry(setup.rule if knows_rule else "mean")
+
+
+def rule_option(rule: str, opts: dict, hparams, option: str):
+    """Option ``option`` of rule ``rule`` as the adversary knows it: its traced value
+    (``hparams``, the rule's ``ctx.rule_hparams``), else as configured (``opts``, the
+    static options), else the rule's declared default."""
+    default = RULES.options(rule)[option].default
+    return (hparams or {}).get(option, opts.get(option, default))
 
 
 # --------------------------------------------------------------------------- masks & stats
@@ -156,32 +92,12 @@ def masked_std(x: Array, mask: Array) -> Array:
     return jnp.sqrt(jnp.sum(dev * dev, axis=0) / jnp.maximum(k - 1.0, 1.0))
 
 
-def masked_median(x: Array, mask: Array) -> Array:
-    """Per-coordinate median of the masked rows (mean of the two middle ones if even)."""
-    k = jnp.sum(mask.astype(jnp.int32))
-    s = jnp.sort(jnp.where(mask[:, None], x, jnp.inf), axis=0)
-    lo = jnp.take(s, jnp.maximum((k - 1) // 2, 0), axis=0)
-    hi = jnp.take(s, jnp.maximum(k // 2, 0), axis=0)
-    med = 0.5 * (lo + hi)
-    return jnp.where(k > 0, med, jnp.zeros_like(med))
-
-
 def masked_max(x: Array, mask: Array) -> Array:
     return jnp.max(jnp.where(mask[:, None], x, -jnp.inf), axis=0)
 
 
 def masked_min(x: Array, mask: Array) -> Array:
     return jnp.min(jnp.where(mask[:, None], x, jnp.inf), axis=0)
-
-
-def pairwise_sq_dists(x: Array) -> Array:
-    """``[n, n]`` squared L2 distances via one Gram matrix, clamped at 0.
-
-    Callers centre ``x`` first (distances do not change) so the Gram trick keeps precision.
-    """
-    gram = dot(x, x.T)
-    sq = jnp.diagonal(gram)  # the squared norms, without a pass over x
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
 
 
 def spread(dists: Array, mask: Array, statistic: str) -> Array:
@@ -271,25 +187,17 @@ def project_cosine(u: Array, direction: Array, min_cos: Array) -> Array:
 
 
 def krum_options(setup: AttackSetup):
-    """(f, select) of a known Krum-type rule: its ``f`` (None if not an int) and how many
-    rows it selects (1 for krum; multi_krum's ``m``, or None = present - f)."""
-    if setup.rule not in KRUM_RULES:
+    """(f, select) of a rule selecting by Krum score (geometry constraint ``score``): its
+    ``f`` (None if not an int, or no such rule) and how many rows it selects (1 without a
+    ``select_option``; else that option's value, None meaning present - f)."""
+    geometry = rule_geometry(setup)
+    if geometry.constraint != "score":
         return None, 1
     kw = rule_kw(setup)
-    f = kw.get("f", 0)
+    f = rule_option(setup.rule, kw, None, geometry.f_option) if geometry.f_option else None
     f = f if isinstance(f, int) and not isinstance(f, bool) else None
-    return f, (1 if setup.rule == "krum" else kw.get("m"))
-
-
-def sum_smallest(values: Array, k) -> Array:
-    """Sum of the ``k`` (traced) smallest entries along the last axis (inf-padded).
-
-    Unlike ``fedsim.aggregators._ops.sum_smallest`` (a radix select for the rules' large
-    ``[n, n]`` distance matrices, ``k >= 1``), ``k`` may be a float, zero or negative
-    here (a sum of nothing), as the Krum acceptance test needs."""
-    s = jnp.sort(values, axis=-1)
-    take = jnp.arange(values.shape[-1]) < k
-    return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
+    select = geometry.select_option
+    return f, (1 if select is None else rule_option(setup.rule, kw, None, select))
 
 
 def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
@@ -314,7 +222,7 @@ def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
     n = rows.shape[0]
     m = count(mask) + n_crafted
     k = jnp.maximum(m - f - 2.0, 1.0)
-    pp = pairwise_sq_dists(h)
+    pp = gram_sq_dists(h)
     pp = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), pp, inf)
     hb = dot(h, b)  # [n]
     h_dir = dot(h, direction)  # [n]
@@ -342,7 +250,7 @@ def krum_acceptor(rows, mask, n_crafted, f, select, base, direction):
         pool_scores = from_pool + copies * hc
         pool_scores = jnp.where(mask[None, :], pool_scores, inf)
         # The crafted row's own k nearest: its c - 1 identical mates (distance 0) first.
-        crafted_scores = sum_smallest(hc, k - jnp.maximum(c_int - 1, 0))
+        crafted_scores = sum_smallest_by_sort(hc, k - jnp.maximum(c_int - 1, 0))
         beaten_by = jnp.sum(pool_scores < crafted_scores[:, None], axis=1)
         return beaten_by < chosen
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from fedsim.attacks import REGISTRY
-from fedsim.attacks.common import Opt, choice, integer, number, parse
+from fedsim.attacks.base import REGISTRY
+from fedsim.options import Option, choice, integer, number
 from fedsim.registry import ConfigError
 from fedsim.types import Attack
 
@@ -47,7 +47,7 @@ def _hit_rate(predict, x, target, relevant) -> jnp.ndarray:
     return jnp.where(total > 0, jnp.sum(hit) / jnp.maximum(total, 1), 0.0)
 
 
-FRACTION = Opt(1.0, number(0.0, 1.0))
+FRACTION = Option(1.0, number(0.0, 1.0), traced=True)
 
 
 def flip_all(y, n_classes: int):
@@ -62,8 +62,15 @@ def flip_all(y, n_classes: int):
     return jnp.where(y == mid, 0, flipped)
 
 
-@REGISTRY.register("label_flip", traced=("poison_fraction",))
-def make_label_flip(**kw) -> Attack:
+@REGISTRY.register(
+    "label_flip",
+    options={
+        "source": Option(None, integer(0, allow_none=True)),
+        "target": Option(None, integer(0, allow_none=True)),
+        "poison_fraction": FRACTION,
+    },
+)
+def make_label_flip(setup, **o) -> Attack:
     """Label flipping: every class flipped by :func:`flip_all`, or ``source -> target``.
 
     Options: ``source``/``target`` (distinct ints, both or neither), ``poison_fraction``
@@ -71,15 +78,6 @@ def make_label_flip(**kw) -> Attack:
     (of the ``source`` class only when given); no class maps to itself, so a correct
     prediction never counts as a success.
     """
-    o, setup = parse(
-        "label_flip",
-        kw,
-        {
-            "source": Opt(None, integer(0, allow_none=True)),
-            "target": Opt(None, integer(0, allow_none=True)),
-            "poison_fraction": FRACTION,
-        },
-    )
     source, target, c = o["source"], o["target"], setup.n_classes
     if (source is None) != (target is None):
         raise ConfigError("attack 'label_flip': give both 'source' and 'target', or neither")
@@ -104,23 +102,21 @@ def make_label_flip(**kw) -> Attack:
     return Attack(poison=poison, success=success)
 
 
-@REGISTRY.register("targeted", traced=("poison_fraction",))
-def make_targeted(**kw) -> Attack:
+@REGISTRY.register(
+    "targeted",
+    options={
+        "source": Option(1, integer(0)),
+        "target": Option(None, integer(0, allow_none=True)),
+        "poison_fraction": FRACTION,
+    },
+)
+def make_targeted(setup, **o) -> Attack:
     """Targeted misclassification: relabel ``source``-class examples as ``target``.
 
     Options: ``source`` (default 1), ``target`` (default 7, or C-1 when C <= 7),
     ``poison_fraction`` (traced, default 1). Success: fraction of the test inputs of class
     ``source`` predicted as ``target``.
     """
-    o, setup = parse(
-        "targeted",
-        kw,
-        {
-            "source": Opt(1, integer(0)),
-            "target": Opt(None, integer(0, allow_none=True)),
-            "poison_fraction": FRACTION,
-        },
-    )
     c = setup.n_classes
     source = o["source"]
     target = o["target"] if o["target"] is not None else (7 if c > 7 else c - 1)
@@ -171,8 +167,20 @@ def trigger_mask(shape: tuple, pattern: str, size: int, corner: str) -> np.ndarr
     return mask
 
 
-@REGISTRY.register("backdoor", traced=("poison_fraction",))
-def make_backdoor(**kw) -> Attack:
+@REGISTRY.register(
+    "backdoor",
+    options={
+        "target": Option(0, integer(0)),
+        "pattern": Option("square", choice("square", "plus")),
+        "size": Option(3, integer(1)),
+        "corner": Option(
+            "bottom_right", choice("bottom_right", "bottom_left", "top_right", "top_left")
+        ),
+        "value": Option(1.0, number()),
+        "poison_fraction": Option(0.5, number(0.0, 1.0), traced=True),
+    },
+)
+def make_backdoor(setup, **o) -> Attack:
     """BadNets backdoor (Gu et al. 2017): stamp a pixel trigger and relabel as ``target``.
 
     Options: ``target`` (default 0), ``pattern`` (square | plus, default square), ``size``
@@ -180,20 +188,6 @@ def make_backdoor(**kw) -> Attack:
     ``value`` (trigger intensity, default 1.0), ``poison_fraction`` (traced, default 0.5).
     Success: triggered test inputs whose true label is not ``target`` classified as it.
     """
-    o, setup = parse(
-        "backdoor",
-        kw,
-        {
-            "target": Opt(0, integer(0)),
-            "pattern": Opt("square", choice("square", "plus")),
-            "size": Opt(3, integer(1)),
-            "corner": Opt(
-                "bottom_right", choice("bottom_right", "bottom_left", "top_right", "top_left")
-            ),
-            "value": Opt(1.0, number()),
-            "poison_fraction": Opt(0.5, number(0.0, 1.0)),
-        },
-    )
     target = o["target"]
     _check_classes("backdoor", setup.n_classes, target=target)
 

@@ -4,14 +4,20 @@ Our reading of Raynal & Troncoso (arXiv 2402.13700; PAPER.md): a distance-based 
 cannot tell a strategic update from an honest one as long as it stays where the rule
 accepts honest updates. Each rule is given a region, built in-graph each round from what
 the adversary knows of the benign updates (the *pool*: the present honest rows when
-omniscient, its own clients' benign updates when partial; ``common.pool``):
+omniscient, its own clients' benign updates when partial; ``common.pool``). The region
+follows the rule's ``Geometry`` (``fedsim.aggregators.base``), declared where the rule is
+registered, so a rule registered later gets its region without a change here:
 
-- ``ball``: the L2 ball around a reference point. The honest mean, with the radius the
-  pool spreads over (``spread`` of its distances to the mean: median, mean or max), for
-  ``mean``, ``geometric_median`` and any rule not listed here; the previous aggregate with
-  radius τ for ``centered_clipping`` (farther rows are clipped); the origin with radius
-  ``max_norm`` for ``norm_bound`` (longer rows are scaled down).
-- ``box``: per coordinate, the pool's order statistics at which the ``c`` crafted copies,
+- ``ball``: the L2 ball around a reference point. For a ball constraint with a
+  ``radius_option``, around the geometry's reference with that radius: the previous
+  aggregate with radius τ for ``centered_clipping`` (farther rows are clipped), the
+  origin with radius ``max_norm`` for ``norm_bound`` (longer rows are scaled down).
+  Otherwise around the honest mean, with the radius the pool spreads over (``spread`` of
+  its distances to the mean: median, mean or max): ``mean``, ``geometric_median``, a
+  cosine or similarity rule (when not handled by the attack itself) and any name that is
+  no registered rule.
+- ``box`` (a box constraint: ``median``; ``trimmed_mean`` by its ``trim_option``): per
+  coordinate, the pool's order statistics at which the ``c`` crafted copies,
   tied with that pool value, move the rule's output as far as any value could while
   keeping at least ``min_share`` (0.8) of their share of the output. With ``n`` pool rows
   and ``m = n + c`` (0-based ranks of the pool's sorted values): the median, rank
@@ -29,18 +35,20 @@ omniscient, its own clients' benign updates when partial; ``common.pool``):
   not need, and measurably did worse on MNIST).
 - ``search``: rules that accept by a test rather than a shape. The crafted point moves
   from a centre along a ray and the largest step still accepted is found in-graph
-  (``common.largest_accepted``): Krum and Multi-Krum by their own score
-  (``common.krum_acceptor``; for Multi-Krum every copy must be among the averaged rows);
-  MeaMed, Bulyan (along the ray from the pool's median to the goal's point clipped into
-  the pool's range), DnC, SignGuard, Zeno, LRR and ERR (along the goal from the pool's
-  update nearest its mean) by running the rule itself on the pool plus the crafted
-  copies (behaviour-based rules judging with the adversary's proxy data in place of the
-  judge's; randomised rules with the adversary's own key, not the rule's) and accepting
-  while the crafted rows keep at least ``min_share`` (0.8) of their share of the round.
+  (``common.largest_accepted``): a ``score`` constraint (Krum, Multi-Krum) by the Krum
+  score itself (``common.krum_acceptor``; with a ``select_option``, as Multi-Krum's,
+  every copy must be among the averaged rows); a ``filter`` or ``behaviour`` constraint
+  (MeaMed, Bulyan, DnC, SignGuard; Zeno, LRR, ERR) by running the rule itself on the pool
+  plus the crafted copies (behaviour-based rules judging with the adversary's proxy data
+  in place of the judge's; randomised rules with the adversary's own key, not the rule's)
+  and accepting while the crafted rows keep at least ``min_share`` (0.8) of their share
+  of the round. For a rule whose reference is the median (MeaMed, Bulyan) the ray runs
+  from the pool's median toward the goal's point clipped into the pool's range; for the
+  others from a typical honest update (the pool's row nearest its mean) along the goal.
 
-FLTrust and FoolsGold are handled by the attacks themselves (``strategic``): FLTrust only
-sees directions (a cone around its root update) and FoolsGold compares the colluders
-with each other rather than with a reference point.
+Cosine and similarity rules (FLTrust, FoolsGold) are handled by the attacks themselves
+(``strategic``): FLTrust only sees directions (a cone around its root update) and
+FoolsGold compares the colluders with each other rather than with a reference point.
 """
 
 from __future__ import annotations
@@ -51,28 +59,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import row_sq_norms, select
+from fedsim.aggregators.base import REGISTRY as RULES
+from fedsim.aggregators.base import make as make_rule
 from fedsim.attacks.common import (
     count,
     krum_acceptor,
     krum_options,
     largest_accepted,
     masked_mean,
-    masked_median,
+    rule_geometry,
     rule_kw,
+    rule_option,
     spread,
 )
+from fedsim.kernels import masked_median, row_sq_norms, select
 from fedsim.types import AggContext, AttackContext, AttackSetup
 
 Array = jax.Array
 
-BOX_RULES = frozenset({"median", "trimmed_mean"})
-# coordinate-wise rules searched along the ray from the pool's median to its range corner
-RANGE_SEARCH_RULES = frozenset({"meamed", "bulyan"})
-SIMULATED_RULES = frozenset(
-    {"meamed", "bulyan", "dnc", "signguard", "zeno", "loss_rejection", "error_rejection"}
-)
-SEARCH_RULES = frozenset({"krum", "multi_krum"}) | SIMULATED_RULES
+# constraints an attack can only test by running the rule itself
+SIMULATED = frozenset({"filter", "behaviour"})
 
 
 class Region(NamedTuple):
@@ -148,26 +154,25 @@ def rule_region(
     ``mask``, for ``n_crafted`` identical crafted rows sent from the rows where
     ``crafted`` [n] (bool). ``scale`` multiplies ball radii and search lengths (1 = the
     region itself). Without ``knows_rule`` the adversary assumes the mean."""
+    geometry = rule_geometry(setup, knows_rule)
     rule = setup.rule if knows_rule else "mean"
     opts = rule_kw(setup)
     hp = ctx.rule_hparams or {}
     mean = masked_mean(rows, mask)
-    if rule == "centered_clipping":
-        tau = hp.get("tau", opts.get("tau", 1.0))
-        return Region("ball", ctx.previous_aggregate.astype(rows.dtype), radius=scale * tau)
-    if rule == "norm_bound":
-        bound = hp.get("max_norm", opts.get("max_norm", 1.0))
-        return Region("ball", jnp.zeros_like(mean), radius=scale * bound)
-    if rule in BOX_RULES:
+    if geometry.constraint == "ball" and geometry.radius_option is not None:
+        radius = rule_option(rule, opts, hp, geometry.radius_option)
+        center = reference_point(geometry.reference, rows, mask, ctx)
+        return Region("ball", center, radius=scale * radius)
+    if geometry.constraint == "box":
         lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted, min_share)
         med = masked_median(rows, mask)
         radius = spread(jnp.sqrt(row_sq_norms(rows, med)), mask, statistic)
         return Region("box", med, radius=scale * radius, lo=lo, hi=hi)
     radius = spread(jnp.sqrt(row_sq_norms(rows, mean)), mask, statistic)
-    if rule in ("krum", "multi_krum"):
+    if geometry.constraint == "score":
         f, select_count = krum_options(setup)
         f = n_crafted if f is None else jnp.float32(f)
-        if rule == "multi_krum":  # every crafted copy among the rows Multi-Krum averages
+        if geometry.select_option is not None:  # every crafted copy among the rows averaged
             chosen = count(mask) + n_crafted - f if select_count is None else select_count
             select_count = jnp.maximum(chosen - n_crafted + 1, 1)
 
@@ -178,10 +183,10 @@ def rule_region(
 
         reach = 4.0 * scale * radius
         return Region("search", mean, ray=lambda g: reach * unit(g), accepts=krum_accepts)
-    if rule in SIMULATED_RULES:
+    if geometry.constraint in SIMULATED:
         accepts = simulated_acceptor(setup, rows, mask, crafted, ctx, min_share)
         reach = 4.0 * scale * radius
-        if rule in RANGE_SEARCH_RULES:  # toward the goal's point clipped into the range
+        if geometry.reference == "median":  # toward the goal's point clipped into the range
             lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted)
             med = masked_median(rows, mask)
             ray = lambda g: jnp.clip(med + reach * unit(g), lo, hi) - med
@@ -196,26 +201,41 @@ def rule_region(
     return Region("ball", mean, radius=scale * radius)
 
 
+def reference_point(reference: str, rows, mask, ctx: AttackContext) -> Array:
+    """``[d]`` the point a geometry's ``reference`` names, as the adversary sees it: the
+    previous aggregate, the origin, the pool's median, else the pool's mean."""
+    if reference == "previous_aggregate":
+        return ctx.previous_aggregate.astype(rows.dtype)
+    mean = masked_mean(rows, mask)
+    if reference == "origin":
+        return jnp.zeros_like(mean)
+    if reference == "median":
+        return masked_median(rows, mask)
+    return mean
+
+
 def _shifted(accepts, center):
     """``accepts(points [K, d]) -> bool [K]`` as a ray test around ``center``."""
     return lambda v, lams: accepts(center[None, :] + lams[:, None] * v[None, :])
 
 
 def box_edges(rule, opts, hp, rows, mask, n_crafted, min_share: float = 0.8):
-    """(lo [d], hi [d]) for ``n_crafted`` identical values against a coordinate-wise rule:
-    per coordinate, the pool's order statistics at which the crafted copies, tied with
-    that pool value, move the rule's output as far as any value could while keeping at
-    least ``min_share`` of their share of the output (module docstring); for any other
-    rule, the pool's range (min and max)."""
+    """(lo [d], hi [d]) for ``n_crafted`` identical values against the rule named ``rule``
+    (options ``opts`` as configured, traced ones in ``hp``) if its geometry is a box: per
+    coordinate, the pool's order statistics at which the crafted copies, tied with that
+    pool value, move the rule's output as far as any value could while keeping at least
+    ``min_share`` of their share of the output (module docstring); for any other rule,
+    the pool's range (min and max)."""
+    geometry = RULES.geometry(rule)
     n = count(mask).astype(jnp.int32)
     c = jnp.asarray(n_crafted).astype(jnp.int32)
     m = n + c
-    if rule == "median":
+    if geometry.constraint == "box" and geometry.trim_option is None:  # the median
         # tied at the upper middle position the copies give the median of m values its
         # largest value (as if they were +inf) and share the median's weight there
         upper = m // 2
-    elif rule == "trimmed_mean":
-        t = jnp.floor(hp.get("beta", opts.get("beta", 0.1)) * m).astype(jnp.int32)
+    elif geometry.constraint == "box":  # a trimmed mean
+        t = jnp.floor(rule_option(rule, opts, hp, geometry.trim_option) * m).astype(jnp.int32)
         t = jnp.clip(t, 0, (m - 1) // 2)
         # the tie group (the pool value and the c copies) keeps `slots` of the places
         # below the upper cut: as few as still give the copies min_share of their share
@@ -240,9 +260,7 @@ def simulated_acceptor(setup, rows, mask, crafted, ctx: AttackContext, min_share
     ``min_share`` of their share of the present rows. Behaviour-based rules judge with the
     adversary's proxy data. One candidate at a time (``lax.map``): each run is a whole
     rule on ``[2n, d]``."""
-    from fedsim import aggregators  # the rules, whose package imports nothing from attacks
-
-    agg = aggregators.make(setup.rule, **rule_kw(setup))
+    agg = make_rule(setup.rule, **rule_kw(setup))
     n, d = rows.shape
     weights = jnp.concatenate([mask, crafted]).astype(rows.dtype)
     share = count(crafted) / jnp.maximum(count(mask) + count(crafted), 1.0)

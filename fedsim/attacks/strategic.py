@@ -37,49 +37,51 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedsim.aggregators._ops import dot, row_sq_norms
-from fedsim.attacks import REGISTRY
+from fedsim.attacks.base import REGISTRY
 from fedsim.attacks.common import (
     MODEL_POISONING_OPTS,
-    Opt,
-    anything,
-    boolean,
-    choice,
     count,
     emit,
-    integer,
     largest_accepted,
     masked_mean,
-    number,
-    parse,
     pool,
     present,
+    rule_geometry,
 )
 from fedsim.attacks.data import make_goal
 from fedsim.attacks.regions import (
-    SIMULATED_RULES,
+    SIMULATED,
     Region,
     extreme,
     project,
     rule_region,
     unit,
 )
+from fedsim.kernels import dot, row_sq_norms
+from fedsim.options import Option, anything, boolean, choice, integer, number
 from fedsim.registry import ConfigError
 from fedsim.types import Attack
 
 DIRECTIONS = ("gradient", "difference", "trained")
 
-
-def _base_opts():
-    return {
-        **MODEL_POISONING_OPTS,
-        "collude": Opt(True, boolean),
-        "goal": Opt("backdoor", anything),
-        "direction": Opt("difference", choice(*DIRECTIONS)),
-        "steps": Opt(0, integer(0)),
-        "step_size": Opt(0.25, number(0.0)),
-        "goal_batch": Opt(256, integer(1)),
-    }
+BASE_OPTIONS = {
+    **MODEL_POISONING_OPTS,
+    "collude": Option(True, boolean),
+    "goal": Option("backdoor", anything),
+    "direction": Option("difference", choice(*DIRECTIONS)),
+    "steps": Option(0, integer(0)),
+    "step_size": Option(0.25, number(0.0), traced=True),
+    "goal_batch": Option(256, integer(1)),
+}
+DISTANCE_OPTIONS = {
+    **BASE_OPTIONS,
+    "radius_scale": Option(1.0, number(0.0), traced=True),
+    "spread": Option("median", choice("median", "mean", "max")),
+}
+BEHAVIOR_OPTIONS = {
+    **BASE_OPTIONS,
+    "tolerance": Option(None, number(allow_none=True), traced=True),
+}
 
 
 def goal_loss(ctx, u, goal_rows_only=True):
@@ -173,20 +175,13 @@ def foolsgold_rows(g, is_malicious, ctx, rows, mask, scale):
     return jnp.where(accepts(gamma[None])[0], gamma, 0.0) * step + benign
 
 
-def _make_strategic(name: str, kw: dict, behaviour: bool) -> Attack:
-    extra = {
-        "radius_scale": Opt(1.0, number(0.0)),
-        "spread": Opt("median", choice("median", "mean", "max")),
-    }
-    if behaviour:
-        extra = {"tolerance": Opt(None, number(allow_none=True))}
-    o, setup = parse(name, kw, {**_base_opts(), **extra})
+def _make_strategic(setup, o: dict, behaviour: bool) -> Attack:
     goal = make_goal(o["goal"], setup)
-    rule = setup.rule if o["knows_rule"] else "mean"
+    geometry = rule_geometry(setup, o["knows_rule"])
     needs_benign = (
         o["knowledge"] == "partial"
         or o["direction"] == "difference"
-        or rule == "foolsgold"
+        or geometry.constraint == "similarity"
         or not o["collude"]
     )
     needs_goal = o["direction"] == "gradient" or o["steps"] > 0
@@ -204,14 +199,14 @@ def _make_strategic(name: str, kw: dict, behaviour: bool) -> Attack:
         if behaviour:  # move where the judge's loss does not look (first order)
             seen = unit(proxy_gradient(ctx))
             g = g - (g @ seen)[..., None] * seen
-        if rule == "foolsgold":
+        if geometry.constraint == "similarity":  # FoolsGold
             g = g if g.ndim == 1 else masked_mean(g, crafted)
             out = foolsgold_rows(g, is_malicious, ctx, rows, mask, scale)
             return emit(updates, is_malicious, out)
-        if rule == "fltrust":
+        if geometry.constraint == "cosine":  # FLTrust
             place = lambda d: fltrust_point(d, rows, mask, c, ctx, count(present(ctx)))
         else:
-            if behaviour and rule not in SIMULATED_RULES:
+            if behaviour and geometry.constraint not in SIMULATED:
                 region = tolerance_region(rows, mask, ctx, o["tolerance"])
             else:
                 spread = o.get("spread", "median")
@@ -261,17 +256,17 @@ def tolerance_region(rows, mask, ctx, tolerance):
     return Region("search", center, ray=lambda g: reach * unit(g), accepts=accepts)
 
 
-@REGISTRY.register("strategic_distance", traced=("radius_scale", "step_size"))
-def make_strategic_distance(**kw) -> Attack:
+@REGISTRY.register("strategic_distance", options=DISTANCE_OPTIONS)
+def make_strategic_distance(setup, **o) -> Attack:
     """Strategic adversary against distance-based rules (module docstring).
 
-    Region per rule (``fedsim.attacks.regions``): ball around the honest mean with the
-    honest spread (mean, geometric median, and rules it does not know), around the
-    previous aggregate with radius τ (centred clipping), of radius ``max_norm`` around 0
-    (norm bound); the order-statistic box (median, trimmed mean, MeaMed); the largest
-    step still selected (Krum, Multi-Krum, Bulyan, DnC, SignGuard); a direction in
-    FLTrust's cone (:func:`fltrust_point`); diversified rows against FoolsGold
-    (:func:`foolsgold_rows`).
+    Region by the rule's geometry (``fedsim.attacks.regions``): ball around the honest
+    mean with the honest spread (mean, geometric median, and rules it does not know),
+    around the previous aggregate with radius τ (centred clipping), of radius ``max_norm``
+    around 0 (norm bound); the order-statistic box (median, trimmed mean); the largest
+    step still selected (Krum, Multi-Krum, MeaMed, Bulyan, DnC, SignGuard); a direction in
+    the cone of a cosine rule (FLTrust, :func:`fltrust_point`); diversified rows against a
+    similarity rule (FoolsGold, :func:`foolsgold_rows`).
 
     Options: ``goal``, ``knowledge``, ``knows_rule``, ``collude`` (false: each row
     places its own goal-trained update's direction instead of a shared one), ``direction``
@@ -281,11 +276,11 @@ def make_strategic_distance(**kw) -> Attack:
     1 the adversary leaves the region on purpose), ``spread`` (median | mean | max: the
     honest-spread statistic of ball radii). Success is the goal's.
     """
-    return _make_strategic("strategic_distance", kw, behaviour=False)
+    return _make_strategic(setup, o, behaviour=False)
 
 
-@REGISTRY.register("strategic_behavior", traced=("step_size", "tolerance"))
-def make_strategic_behavior(**kw) -> Attack:
+@REGISTRY.register("strategic_behavior", options=BEHAVIOR_OPTIONS)
+def make_strategic_behavior(setup, **o) -> Attack:
     """Strategic adversary against behaviour-based rules (FLTrust's root set, Zeno,
     Fang's loss and error rejection), judging with its proxy of the judge's data
     (``proxy:`` in the config; by default held-out samples of the judge's size and
@@ -300,4 +295,4 @@ def make_strategic_behavior(**kw) -> Attack:
     largest rise an honest row of the pool causes, i.e. what the rule lets through for
     honest clients). Options as ``strategic_distance`` plus ``tolerance``.
     """
-    return _make_strategic("strategic_behavior", kw, behaviour=True)
+    return _make_strategic(setup, o, behaviour=True)

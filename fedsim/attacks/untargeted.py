@@ -15,17 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
-from fedsim.aggregators._ops import row_sq_norms
-from fedsim.attacks import REGISTRY
+from fedsim.attacks.base import REGISTRY
 from fedsim.attacks.common import (
-    KRUM_RULES,
     MODEL_POISONING_OPTS,
-    Opt,
-    anything,
-    boolean,
-    choice,
     count,
-    dot,
     emit,
     krum_acceptor,
     krum_options,
@@ -34,37 +27,35 @@ from fedsim.attacks.common import (
     masked_mean,
     masked_min,
     masked_std,
-    number,
-    pairwise_sq_dists,
-    parse,
     pool,
     present,
+    rule_geometry,
     single_or_jittered,
-    sum_smallest,
 )
 from fedsim.attacks.data import make_goal
+from fedsim.kernels import dot, gram_sq_dists, row_sq_norms, sum_smallest_by_sort
+from fedsim.options import Option, anything, boolean, choice, number
 from fedsim.types import Attack
 
 
 def _opts(collude: bool, **extra) -> dict:
-    return {**MODEL_POISONING_OPTS, "collude": Opt(collude, boolean), **extra}
+    return {**MODEL_POISONING_OPTS, "collude": Option(collude, boolean), **extra}
 
 
-JITTER = Opt(0.01, number(0.0))
+JITTER = Option(0.01, number(0.0), traced=True)
 
 
 def _own_rows(updates, ctx):
     return ctx.benign_updates if ctx.benign_updates is not None else updates
 
 
-@REGISTRY.register("sign_flip", traced=("scale",))
-def make_sign_flip(**kw) -> Attack:
+@REGISTRY.register("sign_flip", options=_opts(False, scale=Option(1.0, number(0.0), traced=True)))
+def make_sign_flip(setup, **o) -> Attack:
     """Sign flipping: send ``-scale * benign`` (``scale`` traced, default 1).
 
     ``collude=False`` (default): each malicious row flips its own benign update.
     ``collude=True``: all send ``-scale *`` the pool mean (honest mean if omniscient).
     """
-    o, _ = parse("sign_flip", kw, _opts(False, scale=Opt(1.0, number(0.0))))
 
     def craft(updates, is_malicious, ctx):
         scale = ctx.hparams.get("scale", o["scale"])
@@ -77,13 +68,12 @@ def make_sign_flip(**kw) -> Attack:
     return Attack(craft=craft)
 
 
-@REGISTRY.register("gaussian", traced=("std",))
-def make_gaussian(**kw) -> Attack:
+@REGISTRY.register("gaussian", options=_opts(False, std=Option(1.0, number(0.0), traced=True)))
+def make_gaussian(setup, **o) -> Attack:
     """Gaussian noise: malicious rows are N(0, std^2 I) draws (``std`` traced, default 1).
 
     ``collude=True`` sends one shared draw, ``False`` (default) one draw per row.
     """
-    o, _ = parse("gaussian", kw, _opts(False, std=Opt(1.0, number(0.0))))
 
     def craft(updates, is_malicious, ctx):
         std = ctx.hparams.get("std", o["std"])
@@ -94,8 +84,15 @@ def make_gaussian(**kw) -> Attack:
     return Attack(craft=craft)
 
 
-@REGISTRY.register("scaling", traced=("boost",))
-def make_scaling(**kw) -> Attack:
+@REGISTRY.register(
+    "scaling",
+    options=_opts(
+        False,
+        boost=Option(None, number(0.0, allow_none=True), traced=True),
+        goal=Option(None, anything),
+    ),
+)
+def make_scaling(setup, **o) -> Attack:
     """Boosting / model replacement (Bagdasaryan et al. 2020): send ``boost * update``.
 
     Model replacement solves ``G + eta/n * sum_i u_i = X`` for one attacker's ``u``, giving
@@ -105,11 +102,6 @@ def make_scaling(**kw) -> Attack:
     without, the benign update is boosted. ``collude=True``: all send the boosted mean of
     the malicious rows; ``False`` (default): each boosts its own.
     """
-    o, setup = parse(
-        "scaling",
-        kw,
-        _opts(False, boost=Opt(None, number(0.0, allow_none=True)), goal=Opt(None, anything)),
-    )
     goal = make_goal(o["goal"], setup) if o["goal"] is not None else None
 
     def craft(updates, is_malicious, ctx):
@@ -138,14 +130,16 @@ def alie_z(n, f):
     return ndtri(jnp.clip(p, 1e-6, 1.0 - 1e-6))
 
 
-@REGISTRY.register("alie", traced=("z", "jitter"))
-def make_alie(**kw) -> Attack:
+@REGISTRY.register(
+    "alie",
+    options=_opts(True, z=Option(None, number(allow_none=True), traced=True), jitter=JITTER),
+)
+def make_alie(setup, **o) -> Attack:
     """A Little Is Enough (Baruch et al. 2019): send ``mean - z * std`` per coordinate.
 
     Mean and (unbiased) std over the pool. ``z`` (traced) defaults to :func:`alie_z` of the
     round's present rows ``n`` and present malicious rows ``f``. ``collude`` default True.
     """
-    o, _ = parse("alie", kw, _opts(True, z=Opt(None, number(allow_none=True)), jitter=JITTER))
 
     def craft(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
@@ -160,14 +154,15 @@ def make_alie(**kw) -> Attack:
     return Attack(craft=craft)
 
 
-@REGISTRY.register("ipm", traced=("epsilon", "jitter"))
-def make_ipm(**kw) -> Attack:
+@REGISTRY.register(
+    "ipm", options=_opts(True, epsilon=Option(0.1, number(0.0), traced=True), jitter=JITTER)
+)
+def make_ipm(setup, **o) -> Attack:
     """Inner-product manipulation (Xie et al. 2020): send ``-epsilon * mean(pool)``.
 
     ``epsilon`` traced, default 0.1 (the paper's small-epsilon setting; 100 is its large
     one). ``collude`` default True.
     """
-    o, _ = parse("ipm", kw, _opts(True, epsilon=Opt(0.1, number(0.0)), jitter=JITTER))
 
     def craft(updates, is_malicious, ctx):
         eps = ctx.hparams.get("epsilon", o["epsilon"])
@@ -212,10 +207,10 @@ def fang_krum_bound(rows, mask, n_crafted):
     """
     d = rows.shape[1]
     m = count(mask) + n_crafted
-    dist = jnp.sqrt(pairwise_sq_dists(rows - masked_mean(rows, mask)))
+    dist = jnp.sqrt(gram_sq_dists(rows - masked_mean(rows, mask)))
     n = rows.shape[0]
     dist = jnp.where(mask[:, None] & mask[None, :] & ~jnp.eye(n, dtype=bool), dist, jnp.inf)
-    nearest = sum_smallest(dist, jnp.maximum(count(mask) - 2.0, 1.0))
+    nearest = sum_smallest_by_sort(dist, jnp.maximum(count(mask) - 2.0, 1.0))
     nearest = jnp.min(jnp.where(mask, nearest, jnp.inf))
     norms = jnp.max(jnp.where(mask, jnp.sqrt(row_sq_norms(rows)), 0.0))
     root_d = jnp.sqrt(jnp.float32(d))
@@ -223,8 +218,16 @@ def fang_krum_bound(rows, mask, n_crafted):
     return jnp.where(jnp.isfinite(bound), bound, norms / root_d)
 
 
-@REGISTRY.register("fang", traced=("b", "jitter"))
-def make_fang(**kw) -> Attack:
+@REGISTRY.register(
+    "fang",
+    options=_opts(
+        True,
+        variant=Option("auto", choice("auto", "trimmed_mean", "krum")),
+        b=Option(2.0, number(1.0), traced=True),
+        jitter=JITTER,
+    ),
+)
+def make_fang(setup, **o) -> Attack:
     """Fang et al. 2020, "Local model poisoning attacks to Byzantine-robust FL".
 
     ``variant``: ``trimmed_mean`` (also their median attack; see :func:`fang_interval`,
@@ -233,23 +236,15 @@ def make_fang(**kw) -> Attack:
     :func:`fang_krum_bound` halved until Krum picks it (:func:`largest_accepted`); Krum's
     ``f`` is the rule's ``f`` option when known, else the number of present malicious
     rows; against multi_krum it must be among the selected), or ``auto`` (default:
-    ``krum`` when ``knows_rule`` and the rule is krum / multi_krum, else ``trimmed_mean``).
+    ``krum`` when ``knows_rule`` and the rule selects by Krum score (its geometry's
+    constraint is ``score``: krum, multi_krum), else ``trimmed_mean``).
     ``b`` (traced, default 2) is the trimmed-mean attack's scaling in [1, 2]. ``collude``
     default True.
     """
-    o, setup = parse(
-        "fang",
-        kw,
-        _opts(
-            True,
-            variant=Opt("auto", choice("auto", "trimmed_mean", "krum")),
-            b=Opt(2.0, number(1.0)),
-            jitter=JITTER,
-        ),
-    )
     variant = o["variant"]
     if variant == "auto":
-        variant = "krum" if o["knows_rule"] and setup.rule in KRUM_RULES else "trimmed_mean"
+        scored = rule_geometry(setup, o["knows_rule"]).constraint == "score"
+        variant = "krum" if o["knows_rule"] and scored else "trimmed_mean"
     rule_f, select = krum_options(setup) if o["knows_rule"] else (None, 1)
 
     def craft_trimmed(updates, is_malicious, ctx):
@@ -297,7 +292,7 @@ def min_max_gamma(rows, mask, p):
     """
     mu = masked_mean(rows, mask)
     dev = (rows - mu) * mask[:, None]  # h_i - mu
-    bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], pairwise_sq_dists(dev), 0.0))
+    bound = jnp.max(jnp.where(mask[:, None] & mask[None, :], gram_sq_dists(dev), 0.0))
     a = jnp.sum(p * p)
     half_b = -dot(dev, p)
     c = row_sq_norms(dev) - bound
@@ -313,24 +308,19 @@ def min_sum_gamma(rows, mask, p):
     """
     mu = masked_mean(rows, mask)
     dev = (rows - mu) * mask[:, None]
-    sums = jnp.sum(jnp.where(mask[None, :], pairwise_sq_dists(dev), 0.0), axis=1)
+    sums = jnp.sum(jnp.where(mask[None, :], gram_sq_dists(dev), 0.0), axis=1)
     bound = jnp.max(jnp.where(mask, sums, 0.0))
     a = count(mask) * jnp.sum(p * p)
     slack = jnp.maximum(bound - jnp.sum(dev * dev), 0.0)
     return jnp.where(a > 0, jnp.sqrt(slack / jnp.where(a > 0, a, 1.0)), 0.0)
 
 
-def _make_shejwalkar(name, gamma_fn, kw) -> Attack:
-    o, _ = parse(
-        name,
-        kw,
-        _opts(
-            True,
-            perturbation=Opt("unit_vec", choice("unit_vec", "std", "sign")),
-            jitter=JITTER,
-        ),
-    )
+SHEJWALKAR = _opts(
+    True, perturbation=Option("unit_vec", choice("unit_vec", "std", "sign")), jitter=JITTER
+)
 
+
+def _make_shejwalkar(gamma_fn, o) -> Attack:
     def craft(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
         p = perturbation(rows, mask, o["perturbation"])
@@ -341,20 +331,20 @@ def _make_shejwalkar(name, gamma_fn, kw) -> Attack:
     return Attack(craft=craft)
 
 
-@REGISTRY.register("min_max", traced=("jitter",))
-def make_min_max(**kw) -> Attack:
+@REGISTRY.register("min_max", options=SHEJWALKAR)
+def make_min_max(setup, **o) -> Attack:
     """Min-max (Shejwalkar & Houmansadr 2021, AGR-agnostic): ``mu + gamma* p``.
 
     ``p`` from ``perturbation`` (unit_vec | std | sign, default unit_vec), gamma* from
     :func:`min_max_gamma` over the pool. ``collude`` default True.
     """
-    return _make_shejwalkar("min_max", min_max_gamma, kw)
+    return _make_shejwalkar(min_max_gamma, o)
 
 
-@REGISTRY.register("min_sum", traced=("jitter",))
-def make_min_sum(**kw) -> Attack:
+@REGISTRY.register("min_sum", options=SHEJWALKAR)
+def make_min_sum(setup, **o) -> Attack:
     """Min-sum (Shejwalkar & Houmansadr 2021): as min-max with :func:`min_sum_gamma`."""
-    return _make_shejwalkar("min_sum", min_sum_gamma, kw)
+    return _make_shejwalkar(min_sum_gamma, o)
 
 
 # --------------------------------------------------------------------------- mimic
@@ -373,8 +363,14 @@ def mimic_ranking(rows, mask):
     return jnp.argsort(-score)
 
 
-@REGISTRY.register("mimic")
-def make_mimic(**kw) -> Attack:
+def _mimic_target(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return None
+    return f"must be 'auto' or a row index >= 0, got {v!r}"
+
+
+@REGISTRY.register("mimic", options=_opts(True, target=Option("auto", _mimic_target)))
+def make_mimic(setup, **o) -> Attack:
     """Mimic (Karimireddy, He & Jaggi 2022): copy honest clients' updates.
 
     ``target="auto"`` (default) copies the pool row with the largest variance along the
@@ -385,7 +381,6 @@ def make_mimic(**kw) -> Attack:
     mimic different clients. With ``knowledge="partial"`` the pool is the attackers' own
     benign updates.
     """
-    o, _ = parse("mimic", kw, _opts(True, target=Opt("auto", _mimic_target)))
 
     def craft(updates, is_malicious, ctx):
         rows, mask = pool(updates, is_malicious, ctx, o["knowledge"])
@@ -402,9 +397,3 @@ def make_mimic(**kw) -> Attack:
         return emit(updates, is_malicious, rows[ranked[jnp.maximum(slot, 0) % k]])
 
     return Attack(craft=craft)
-
-
-def _mimic_target(v):
-    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-        return None
-    return f"must be 'auto' or a row index >= 0, got {v!r}"

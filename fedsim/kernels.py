@@ -1,4 +1,10 @@
-"""Kernels shared by the rules: presence masks, pairwise distances, exact order statistics.
+"""Kernels shared by the rules, the attacks and the round: presence masks, masked products,
+row norms, pairwise distances, exact order statistics.
+
+Speed comparisons below (one way of writing a kernel against another) were measured on
+XLA:CPU at the sizes ``bench/aggregators.py`` times (n = 1000, d = 1e5); the figures it
+records for the kernels as they are written are in ``bench/results/aggregators*.json``. No
+results file records the alternatives, so the text says which was faster, not by how much.
 
 Order statistics use an exact radix select instead of a sort. Each float32 is mapped to a
 ``uint32`` key whose unsigned order is the float order (NaN and absent rows map to the
@@ -49,7 +55,7 @@ def finite_rows(updates: jax.Array) -> jax.Array:
 
     A product with a zero vector is NaN exactly where a row holds a NaN or an infinity
     (0 * inf = NaN) and cannot overflow; as a matrix-vector product it reads the rows
-    once, 4x faster on XLA:CPU than reducing an ``isfinite`` mask over each row.
+    once, faster on XLA:CPU than reducing an ``isfinite`` mask over each row.
     """
     return jnp.isfinite(dot(updates, jnp.zeros(updates.shape[1], updates.dtype)))
 
@@ -65,8 +71,9 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
 #
 # On XLA:CPU an ``[n, d]`` intermediate that does not fit in cache costs far more than the
 # pass itself: ``dot(c, where(keep[:, None], x, 0))`` writes the masked copy to fresh memory
-# (8x a plain ``dot(c, x)`` at n=1000, d=1e5), and ``sum(x * x, axis=1)`` writes the
-# product. The kernels below keep such intermediates to one column block at a time.
+# (several times the cost of a plain ``dot(c, x)`` at n=1000, d=1e5), and
+# ``sum(x * x, axis=1)`` writes the product. The kernels below keep such intermediates to
+# one column block at a time.
 
 PASS_ENTRIES = 1 << 22  # entries per column block of a masked product (16 MB of float32)
 NORM_ENTRIES = 1 << 20  # entries per column block of the row norms (measured best at 1e8)
@@ -102,15 +109,15 @@ def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.
 
 def row_sq_norms(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     """``[n]`` squared L2 norms of the rows of ``x [n, d]`` (of ``x - center [d]`` when
-    given; NaN or Inf for a row holding one), summed over column blocks: 3-4x faster on
-    XLA:CPU than ``sum(x * x, axis=1)``, and exact where ``|x|² - 2 x·c + |c|²`` would
-    cancel for rows close to ``center``.
+    given; NaN or Inf for a row holding one), summed over column blocks: faster on XLA:CPU
+    than ``sum(x * x, axis=1)``, and exact where ``|x|² - 2 x·c + |c|²`` would cancel for
+    rows close to ``center``.
 
     Around a center (called once per iteration by the geometric median and centred
     clipping) each block's squared differences are summed by a matrix-vector product
-    with ones, 1.4x faster than the row reduction at n=1000, d=1e5 (the columns a block
-    covers again are zeroed first: ``inf * 0`` would be NaN). Without one, the row
-    reduction measured as fast or faster."""
+    with ones, faster than the row reduction at n=1000, d=1e5 (the columns a block covers
+    again are zeroed first: ``inf * 0`` would be NaN). Without one, the row reduction
+    measured as fast or faster."""
     n, d = x.shape
 
     def fn(xb, fresh, *center_block):
@@ -132,19 +139,37 @@ def safe_div(a, b):
 
 
 def pairwise_sq_dists(updates: jax.Array, ok: jax.Array) -> jax.Array:
-    """``[n, n]`` squared L2 distances from one Gram matrix, clamped at 0.
+    """``[n, n]`` squared L2 distances from one Gram matrix (``self_gram``), clamped at 0.
 
     Rows where ``ok`` is False (absent or non-finite) are infinitely far from every row,
-    themselves included. They are masked after the product rather than zeroed before it
-    (a pass over ``[n, d]``): entry ``(i, j)`` of the Gram matrix only reads rows ``i``
-    and ``j``, so a NaN row spoils only its own row and column, which the mask replaces.
+    themselves included, and ``d(i, i) = 0`` exactly for the others. They are masked after
+    the product rather than zeroed before it (a pass over ``[n, d]``): entry ``(i, j)`` of
+    the Gram matrix only reads rows ``i`` and ``j``, so a NaN row spoils only its own row
+    and column, which the mask replaces. ``gram_sq_dists`` is the attacks' form (see there
+    for why there are two).
     """
-    gram = self_gram(updates)
-    sq = jnp.diagonal(gram)  # the squared norms, free (and d(i, i) = 0 exactly)
-    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
+    dist = _sq_dists(self_gram(updates))
     both = ok[:, None] & ok[None, :]
     dist = jnp.where(both, dist, jnp.inf)
     return dist.at[jnp.diag_indices_from(dist)].set(jnp.where(ok, 0.0, jnp.inf))
+
+
+def gram_sq_dists(x: jax.Array) -> jax.Array:
+    """``[n, n]`` squared L2 distances of all rows of ``x`` from one plain Gram product
+    ``x @ x.T``, clamped at 0, unmasked, the diagonal as computed. The Gram trick loses
+    precision for rows far from the origin compared with their spread: the attacks, which
+    call this one, centre their pool first (distances do not change) and mask it after.
+
+    Why two: ``pairwise_sq_dists`` (the rules) builds the Gram matrix by blocks from 512
+    rows on, summing column chunks in another order, which moves the last bits of the
+    distances at large n and d; the attacks' numbers stay what they were, bit for bit.
+    """
+    return _sq_dists(dot(x, x.T))
+
+
+def _sq_dists(gram: jax.Array) -> jax.Array:
+    sq = jnp.diagonal(gram)  # the squared norms, free
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0)
 
 
 def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
@@ -154,8 +179,8 @@ def self_gram(x: jax.Array, parts: int = 4, min_rows: int = 512) -> jax.Array:
     the ``parts (parts + 1) / 2`` products do 5/8 of the work for 4 parts, and the blocks
     stay large enough to run at full matmul speed. The columns are taken in chunks of about
     ``GRAM_ENTRIES`` entries (a loop summing the chunks' Gram matrices): over the whole
-    length XLA's product ran 25% slower at n=1000, d=1e5. Below ``min_rows`` rows one
-    plain product is faster.
+    length XLA's product ran slower at n=1000, d=1e5. Below ``min_rows`` rows one plain
+    product is faster.
     """
     n, d = x.shape
     if n < min_rows:
@@ -185,17 +210,35 @@ def _upper_gram(x: jax.Array, parts: int) -> jax.Array:
 
 
 def sum_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
-    """Per row, the sum of the ``k`` (traced, >= 1) smallest entries of ``values [n, m]``.
+    """Per row, the sum of the ``k`` (traced integer, >= 1) smallest entries of
+    ``values [n, m]`` (the rules' ``[n, n]`` distance matrices).
 
-    With ``t`` the k-th smallest (a radix select, 30x faster than sorting 1000 x 1000),
-    the sum is that of the entries below ``t`` plus ``t`` for each place left, which at
-    most k - 1 entries below ``t`` leave at least one of, so an infinite ``t`` gives inf.
+    With ``t`` the k-th smallest (a radix select, faster than sorting at n = 1000), the
+    sum is that of the entries below ``t`` plus ``t`` for each place left, which at most
+    k - 1 entries below ``t`` leave at least one of, so an infinite ``t`` gives inf.
+    ``sum_smallest_by_sort`` is the other contract (see there).
     """
     cols = values.T
     (cut,) = select(cols, jnp.ones(cols.shape[0], bool), jnp.reshape(k - 1, (1,)))
     below = cols < cut[None]
     left = (k - jnp.sum(below, axis=0)).astype(values.dtype)
     return jnp.sum(jnp.where(below, cols, 0), axis=0) + left * cut
+
+
+def sum_smallest_by_sort(values: jax.Array, k) -> jax.Array:
+    """Sum of the ``k`` smallest entries along the last axis (``+inf`` entries pad), where
+    ``k`` (traced) may be a float, zero or negative: the sum of the entries whose 0-based
+    place in sorted order is below ``k`` (nothing for ``k <= 0``).
+
+    Why two: the attacks' Krum acceptance test needs a real-valued ``k`` that may drop to
+    0 or below (a crafted row's neighbours among its own copies), which the radix select
+    of ``sum_smallest`` (an integer rank >= 1) cannot take; and the two sum in different
+    orders, so merging them would change results in their last bits. The attacks call this
+    one on small ``[K, n]`` arrays, where a sort costs little.
+    """
+    s = jnp.sort(values, axis=-1)
+    take = jnp.arange(values.shape[-1]) < k
+    return jnp.sum(jnp.where(take, s, 0.0), axis=-1)
 
 
 def ranks(scores: jax.Array) -> jax.Array:
@@ -209,9 +252,9 @@ def ranks(scores: jax.Array) -> jax.Array:
 # XLA's CPU backend lowers a reduction over a non-minor axis (``sum(mask, axis=0)`` of an
 # ``[n, B]`` block) through a windowed pre-reduction that materialises its input and runs
 # scalar code. Comparing row slices and adding them as a tree of elementwise ops is one
-# vectorised loop fusion instead: 3x faster in the select's passes, and faster for the
-# trimmed mean's column sums. (Not everywhere: the median's few sums were 4x slower as
-# trees, so each use was measured.)
+# vectorised loop fusion instead: faster in the select's passes, and faster for the
+# trimmed mean's column sums. (Not everywhere: the median's few sums were slower as trees,
+# so each use was measured.)
 
 
 def row_layout(n: int) -> tuple[int, int]:
@@ -293,8 +336,8 @@ def _digit_search(digits: jax.Array, need: jax.Array, bits: int) -> jax.Array:
     def narrow(i, found):
         bit = jnp.left_shift(jnp.asarray(1, dtype), (bits - 1 - i).astype(dtype))
         below = (found | (bit - 1))[:, None, :]
-        # compare slice by slice: comparing first and slicing the mask after was 2x
-        # slower (XLA materialises the mask)
+        # compare slice by slice: comparing first and slicing the mask after was slower
+        # (XLA materialises the mask)
         hits = [(digits[:, g] <= below).astype(narrow_type) for g in range(groups)]
         partial = _tree(jnp.add, hits)
         count = _tree(jnp.add, [partial[:, j].astype(need.dtype) for j in range(partial.shape[1])])
@@ -401,12 +444,33 @@ def middle_values(x, present, m):
 def median_block(x, present, m):
     """Coordinate-wise median of the present rows: mean of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋.
 
-    Returns ``(median [B], weight [n, B])``, weight = each row's share of the median.
+    Returns ``(median [B], weight [n, B])``, weight = each row's share of the median. The
+    median rule runs it over column blocks (``coordinatewise``); ``masked_median`` is the
+    sorting one the attacks use (see there for why there are two).
     """
     lo, hi = middle_values(x, present, m)
     half = jnp.full_like(lo, 0.5)
     weight = tie_share(x, present, lo, half) + tie_share(x, present, hi, half)
     return jnp.where(lo == hi, lo, (lo + hi) / 2), weight
+
+
+def masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-coordinate median of the rows of ``x [n, d]`` where ``mask`` (mean of the two
+    middle ones for an even count; zeros when no row), by sorting each column.
+
+    Why two medians: this one serves the attacks (their pool's median, a region's centre),
+    whose results tests pin, and differs from ``median_block`` at the corners: it is 0 for
+    an empty mask, may return ``-0.0`` where the select returns ``0.0`` (the select maps
+    both to one key), averages two equal middle values as ``0.5 (lo + hi)`` (which
+    overflows beyond half the float32 range) and gives no per-row weights. The radix
+    select is the faster one for the rules' large ``[n, d]``.
+    """
+    k = jnp.sum(mask.astype(jnp.int32))
+    s = jnp.sort(jnp.where(mask[:, None], x, jnp.inf), axis=0)
+    lo = jnp.take(s, jnp.maximum((k - 1) // 2, 0), axis=0)
+    hi = jnp.take(s, jnp.maximum(k // 2, 0), axis=0)
+    med = 0.5 * (lo + hi)
+    return jnp.where(k > 0, med, jnp.zeros_like(med))
 
 
 def trimmed_block(x, present, m, k):
