@@ -33,7 +33,9 @@ omniscient, its own clients' benign updates when partial; ``common.pool``):
   (``common.krum_acceptor``; for Multi-Krum every copy must be among the averaged rows);
   MeaMed, Bulyan (along the ray from the pool's median to the goal's point clipped into
   the pool's range), DnC, SignGuard, Zeno, LRR and ERR (along the goal from the pool's
-  update nearest its mean) by running the rule itself on the pool plus the crafted
+  update nearest its mean; against SignGuard, whose sign statistics count exact zeros,
+  only in the coordinates where that update is nonzero) by running the rule itself on the
+  pool plus the crafted
   copies (behaviour-based rules judging with the adversary's proxy data in place of the
   judge's; randomised rules with the adversary's own key, not the rule's) and accepting
   while the crafted rows keep at least ``min_share`` (0.8) of their share of the round.
@@ -190,9 +192,11 @@ def rule_region(
         # accepts as it is; the mean itself need not look like any update (SignGuard's
         # sign statistics of an average are not those of one client's update)
         typical = rows[jnp.argmin(jnp.where(mask, row_sq_norms(rows, mean), jnp.inf))]
-        return Region(
-            "search", typical, ray=lambda g: reach * unit(g), accepts=_shifted(accepts, typical)
-        )
+        if rule == "signguard":  # it counts exact zeros: move only where updates are nonzero
+            ray = lambda g: reach * unit(jnp.where(typical != 0, g, 0.0))
+        else:
+            ray = lambda g: reach * unit(g)
+        return Region("search", typical, ray=ray, accepts=_shifted(accepts, typical))
     return Region("ball", mean, radius=scale * radius)
 
 
