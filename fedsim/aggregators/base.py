@@ -57,6 +57,8 @@ class Geometry(NamedTuple):
     trim_option: the option holding a ``box``'s trimmed fraction per side (None: median).
     select_option: the option holding how many rows a ``score`` rule averages (None: 1;
         the option's value None: all but ``f`` of the present rows).
+    counts_zeros: the rule's test counts exact zero coordinates (SignGuard's sign
+        statistics), so an update that makes a zero coordinate nonzero looks different.
     """
 
     reference: str = "mean"
@@ -65,6 +67,7 @@ class Geometry(NamedTuple):
     radius_option: str | None = None
     trim_option: str | None = None
     select_option: str | None = None
+    counts_zeros: bool = False
 
 
 # A name no rule is registered under: the attacks assume the mean.

@@ -535,7 +535,7 @@ def foolsgold_alpha(history, ok, kappa):
         "coord_frac": Option(0.1),
         "shift_iters": Option(20),
     },
-    geometry=Geometry("mean", "filter"),
+    geometry=Geometry("mean", "filter", counts_zeros=True),
 )
 def make_signguard(lower: float, upper: float, coord_frac: float, shift_iters: int) -> Aggregator:
     """SignGuard (Xu et al. 2022, "Byzantine-robust federated learning through collaborative

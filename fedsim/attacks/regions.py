@@ -44,7 +44,9 @@ registered, so a rule registered later gets its region without a change here:
   and accepting while the crafted rows keep at least ``min_share`` (0.8) of their share
   of the round. For a rule whose reference is the median (MeaMed, Bulyan) the ray runs
   from the pool's median toward the goal's point clipped into the pool's range; for the
-  others from a typical honest update (the pool's row nearest its mean) along the goal.
+  others from a typical honest update (the pool's row nearest its mean) along the goal
+  (against a rule whose geometry ``counts_zeros``, SignGuard's sign statistics, only in
+  the coordinates where that update is nonzero).
 
 Cosine and similarity rules (FLTrust, FoolsGold) are handled by the attacks themselves
 (``strategic``): FLTrust only sees directions (a cone around its root update) and
@@ -195,9 +197,11 @@ def rule_region(
         # accepts as it is; the mean itself need not look like any update (SignGuard's
         # sign statistics of an average are not those of one client's update)
         typical = rows[jnp.argmin(jnp.where(mask, row_sq_norms(rows, mean), jnp.inf))]
-        return Region(
-            "search", typical, ray=lambda g: reach * unit(g), accepts=_shifted(accepts, typical)
-        )
+        if geometry.counts_zeros:  # move only where a typical update is nonzero
+            ray = lambda g: reach * unit(jnp.where(typical != 0, g, 0.0))
+        else:
+            ray = lambda g: reach * unit(g)
+        return Region("search", typical, ray=ray, accepts=_shifted(accepts, typical))
     return Region("ball", mean, radius=scale * radius)
 
 
