@@ -574,8 +574,10 @@ def validate(cfg: dict) -> None:
 
 
 def _split_traced(registry, name: str, kw: dict) -> tuple[dict, dict]:
-    """``(static, traced)`` options of component ``name``, by its option records."""
-    traced = set(registry.traced(name))
+    """``(static, traced)`` options of component ``name``, by its option records. A traced
+    option set to null stays static: null means "the component's own default rule" (e.g.
+    strategic_behavior's tolerance), which is no number to trace."""
+    traced = {k for k in registry.traced(name) if kw.get(k) is not None}
     static = {k: v for k, v in kw.items() if k not in traced}
     dynamic = {k: float(v) for k, v in kw.items() if k in traced}
     return static, dynamic

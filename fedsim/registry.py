@@ -24,7 +24,9 @@ class Registry:
         self._meta: dict[str, dict[str, Any]] = {}
 
     def register(self, name: str, **meta: Any) -> Callable[[Callable], Callable]:
-        """Decorator: ``@REG.register("krum", traced=("tau",))``. ``meta`` is free-form."""
+        """Decorator: ``@REG.register("heart", source=...)``. ``meta`` is free-form (rules,
+        stages and attacks register through ``fedsim.options.Components``, with option
+        records)."""
 
         def decorator(factory: Callable) -> Callable:
             if name in self._factories:

@@ -48,7 +48,7 @@ class AggContext(NamedTuple):
     global_params: ``[d]`` the current global model, ravelled.
     key: a PRNG key for randomised rules (never reuse; split it).
     hparams: ``dict[str, scalar]`` traced values of the rule's sweepable options (see
-        ``Registry.register(..., traced=(...))``); a rule reads ``hparams.get(k, default)``.
+        its ``Option(..., traced=True)`` records); a rule reads ``hparams.get(k, default)``.
     client_ids: ``[n]`` int32 stable identities of the rows (for stateful rules such as
         FoolsGold, which keep a per-client history indexed by identity).
     loss_fn: ``(flat_params [d], x, y) -> scalar`` mean loss, for behaviour-based rules.

@@ -56,8 +56,8 @@ EXIT_MARGIN = 10.0  # metres after a curve that still belong to its turn
 
 
 def track_and_observer(observation: str = "kinematics") -> tuple[Track, Observer]:
-    """One shared track (and observer) per observation kind: building one takes ~0.05 s
-    plus highway-env's import."""
+    """One shared track (and observer) per observation kind: building one costs
+    highway-env's import and its road, so it is done once."""
     if observation not in _TRACKS:
         track = Track()
         _TRACKS[observation] = (track, Observer(track, observation))
