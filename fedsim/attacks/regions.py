@@ -43,10 +43,10 @@ registered, so a rule registered later gets its region without a change here:
   in place of the judge's; randomised rules with the adversary's own key, not the rule's)
   and accepting while the crafted rows keep at least ``min_share`` (0.8) of their share
   of the round. For a rule whose reference is the median (MeaMed, Bulyan) the ray runs
-  from the pool's median toward the goal's point clipped into the pool's range; for the
-  others from a typical honest update (the pool's row nearest its mean) along the goal
-  (against a rule whose geometry ``counts_zeros``, SignGuard's sign statistics, only in
-  the coordinates where that update is nonzero).
+  from the pool's median toward the corner of the pool's range; for the others from the
+  pool's mean along the goal, except against a rule whose geometry ``counts_zeros``
+  (SignGuard's sign statistics): from a typical honest update (the pool's row nearest
+  its mean), only in the coordinates where that update is nonzero.
 
 Cosine and similarity rules (FLTrust, FoolsGold) are handled by the attacks themselves
 (``strategic``): FLTrust only sees directions (a cone around its root update) and
@@ -188,20 +188,21 @@ def rule_region(
     if geometry.constraint in SIMULATED:
         accepts = simulated_acceptor(setup, rows, mask, crafted, ctx, min_share)
         reach = 4.0 * scale * radius
-        if geometry.reference == "median":  # toward the goal's point clipped into the range
+        if geometry.reference == "median":  # toward the corner of the pool's range
             lo, hi = box_edges(rule, opts, hp, rows, mask, n_crafted)
             med = masked_median(rows, mask)
-            ray = lambda g: jnp.clip(med + reach * unit(g), lo, hi) - med
+            corner = lambda g: jnp.where(g > 0, hi, jnp.where(g < 0, lo, med)) - med
+            ray = lambda g: scale * corner(g)
             return Region("search", med, ray=ray, accepts=_shifted(accepts, med))
-        # from a typical honest update (the pool's row nearest its mean), which the rule
-        # accepts as it is; the mean itself need not look like any update (SignGuard's
-        # sign statistics of an average are not those of one client's update)
-        typical = rows[jnp.argmin(jnp.where(mask, row_sq_norms(rows, mean), jnp.inf))]
-        if geometry.counts_zeros:  # move only where a typical update is nonzero
+        if geometry.counts_zeros:
+            # SignGuard-like: an average's sign statistics are not those of any one update,
+            # and making an exact zero nonzero is seen; start from a typical honest update
+            # (the pool's row nearest its mean) and move only where it is nonzero
+            typical = rows[jnp.argmin(jnp.where(mask, row_sq_norms(rows, mean), jnp.inf))]
             ray = lambda g: reach * unit(jnp.where(typical != 0, g, 0.0))
-        else:
-            ray = lambda g: reach * unit(g)
-        return Region("search", typical, ray=ray, accepts=_shifted(accepts, typical))
+            return Region("search", typical, ray=ray, accepts=_shifted(accepts, typical))
+        ray = lambda g: reach * unit(g)
+        return Region("search", mean, ray=ray, accepts=_shifted(accepts, mean))
     return Region("ball", mean, radius=scale * radius)
 
 
