@@ -93,7 +93,10 @@ def test_single_step_and_oversized_batch_match_the_plain_loop(problem):
             np.testing.assert_allclose(got, want - start, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("count, batch, epochs", [(5, 16, 1), (21, 8, 2), (7, 4, 1)])
+@pytest.mark.parametrize(
+    "count, batch, epochs",
+    [(5, 16, 1), pytest.param(21, 8, 2, marks=pytest.mark.slow), (7, 4, 1)],
+)
 def test_poison_fraction_counts_real_samples_only(problem, count, batch, epochs):
     """Backdoor at fraction 0.5 poisons exactly round(0.5 * count) of the client's real
     samples in every epoch, never padding, whatever the batch size (issue: a client with 5

@@ -23,7 +23,13 @@ CLEAN = ["attack.name=none", "attack.fraction=0.0", "rounds=4", "eval_every=4"]
 # keeps about its share of the output however hard they trim, so their tightening shows in
 # the accuracy (the conflict curves of configs/paper), not in these counts.
 TIGHTEN = [
-    ("multi_krum", ["aggregator.f=1"], ["aggregator.f=8"], "honest_accepted"),
+    pytest.param(
+        "multi_krum",
+        ["aggregator.f=1"],
+        ["aggregator.f=8"],
+        "honest_accepted",
+        marks=pytest.mark.slow,
+    ),
     ("centered_clipping", ["aggregator.tau=10.0"], ["aggregator.tau=0.1"], "honest_weight"),
     ("norm_bound", ["aggregator.max_norm=10.0"], ["aggregator.max_norm=0.1"], "honest_weight"),
 ]

@@ -49,6 +49,10 @@ def _final(config, *overrides):
 
 def test_breast_cancer_through_the_engine():
     assert _final("configs/breast_cancer.yaml")["test_accuracy"] >= 0.93
+
+
+@pytest.mark.slow
+def test_breast_cancer_under_attack_through_the_engine():
     attacked = _final(
         "configs/breast_cancer.yaml",
         "aggregator={name: trimmed_mean, beta: 0.2}",

@@ -47,6 +47,7 @@ def test_mean_on_a_complete_graph_is_fedavg():
             np.testing.assert_allclose(got[node], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_isolated_nodes_train_alone():
     """After one round every isolated node's model is the shared start plus its own
     update: exactly what each client sends the star's server in the same first round."""
