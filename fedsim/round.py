@@ -356,16 +356,7 @@ def make_round(setup: Setup):
         )
         params, opt_state = apply(state.params, state.server_opt_state, out.delta, hparams)
         metrics = round_metrics(out.info.weight, out.delta, out.delta, updates, params, who)
-        new_state = RunState(
-            params,
-            opt_state,
-            out.agg_state,
-            state.malicious,
-            state.rounds_key,
-            state.round + 1,
-            out.delta.astype(state.previous_aggregate.dtype),
-        )
-        return new_state, metrics
+        return advanced(state, params, opt_state, out.agg_state, out.delta), metrics
 
     return round_step
 
@@ -405,18 +396,22 @@ def peer_round(setup: Setup, topo, train, aggregate, apply):
         )
         honest = ~who.is_malicious
         metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
-        new_state = RunState(
-            params,
-            opt_state,
-            out.agg_state,
-            state.malicious,
-            state.rounds_key,
-            state.round + 1,
-            steps.astype(state.previous_aggregate.dtype),
-        )
-        return new_state, metrics
+        return advanced(state, params, opt_state, out.agg_state, steps), metrics
 
     return round_step
+
+
+def advanced(state: RunState, params, opt_state, agg_state, step) -> RunState:
+    """The state a round leaves: new model(s) and states, the step as the next round's
+    previous aggregate, the round counter advanced."""
+    previous = step.astype(state.previous_aggregate.dtype)
+    return state._replace(
+        params=params,
+        server_opt_state=opt_state,
+        agg_state=agg_state,
+        round=state.round + 1,
+        previous_aggregate=previous,
+    )
 
 
 def _honest_mean(values, honest):

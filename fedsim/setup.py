@@ -112,20 +112,6 @@ def _draw(labels, pool, size: int, classes, seed: int, what: str) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
 
 
-def _draw(labels, pool, size: int, classes, seed: int, what: str) -> np.ndarray:
-    """``size`` indices of ``pool`` whose label is in ``classes`` (all when None), seeded."""
-    if size == 0:
-        return np.zeros((0,), np.int64)
-    if classes is not None:
-        pool = pool[np.isin(labels[pool], classes)]
-    if len(pool) < size:
-        raise ConfigError(
-            f"{what}.size {size} exceeds the {len(pool)} training samples left for it; "
-            f"ask for at most {len(pool)}"
-        )
-    return np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
-
-
 def prepare(spec: Spec) -> Setup:
     """Load and partition the data, put it on the device, build the model."""
     ds = load(spec.dataset, spec.data_source, spec.data_dir)
