@@ -30,6 +30,7 @@ def setup():
     return prepare(spec), hp
 
 
+@pytest.mark.slow
 def test_chunked_clients_match_one_vmap_and_estimate_bounds_xla(setup):
     setup, hp = setup
     fp = memory.footprint(setup)

@@ -75,6 +75,7 @@ def test_classic_attacks_lower_the_accuracy_of_mean(attack, clean_accuracy):
     assert attacked < clean_accuracy - 0.05
 
 
+@pytest.mark.slow
 def test_sign_flip_lowers_the_accuracy_of_mean(clean_accuracy):
     attacked = _run("aggregator.name=mean", "attack.name=sign_flip")[-1]["test_accuracy"]
     assert attacked < clean_accuracy - 0.05

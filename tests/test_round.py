@@ -80,12 +80,10 @@ def test_honest_accepted_counts_fair_shares():
 
 
 def test_attacks_see_the_previous_aggregate_never_the_rule_state():
+    """No attack is handed the rule's state (e.g. FoolsGold's per-client histories); the
+    previous aggregate it may read is what the round leaves (checked against the stages
+    in the test above)."""
     from fedsim.types import AttackContext
 
     assert "agg_state" not in AttackContext._fields
-    spec, hparams = to_spec(load_config(None, [*BASE, "aggregator.name=centered_clipping"]))
-    setup = prepare(spec)
-    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
-    step = jax.jit(make_round(setup))
-    state, _ = step(state, hparams, setup.data)
-    np.testing.assert_array_equal(state.previous_aggregate, state.agg_state)
+    assert "previous_aggregate" in AttackContext._fields

@@ -67,10 +67,10 @@ def _compare(mode: str, n_runs: int):
         _close(a, b)
 
 
+@pytest.mark.slow
 def test_sweep_group_on_one_and_eight_devices_agrees():
     _compare("group", 4)
 
 
-@pytest.mark.slow
 def test_single_run_on_one_and_eight_devices_agrees():
     _compare("run", 1)
