@@ -31,11 +31,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fedsim run configs/default.yaml $(ARGS)
 
+# Tests run in one process per core (pytest-xdist): most of their time is compiling.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -n auto -m slow $(ARGS)
 
 bench: $(BENCH_STAMP)
 	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py; do \

@@ -72,5 +72,6 @@ def test_sweep_group_on_one_and_eight_devices_agrees():
     _compare("group", 4)
 
 
+@pytest.mark.slow
 def test_single_run_on_one_and_eight_devices_agrees():
     _compare("run", 1)
