@@ -137,18 +137,21 @@ def per_epoch_padding(n_positions: int, batch: int) -> int:
     return ((n_positions + batch - 1) // batch) * batch
 
 
+def _shuffle_scores(key, count, length: int):
+    """``[length]`` sort keys: uniform in [0, 1) for the first ``count`` positions (the
+    client's samples), then increasing values past 2 (positions past its data, last)."""
+    scores = jax.random.uniform(key, (length,))
+    return jnp.where(jnp.arange(length) < count, scores, 2.0 + jnp.arange(length))
+
+
 def sample_ranks(key, count, length: int):
     """int32 ``[length]``: a uniformly random ranking ``0..count-1`` of the first ``count``
     positions; positions past the client's data rank ``count`` and above."""
-    scores = jax.random.uniform(key, (length,))
-    scores = jnp.where(jnp.arange(length) < count, scores, 2.0 + jnp.arange(length))
-    return jnp.argsort(jnp.argsort(scores)).astype(jnp.int32)
+    return jnp.argsort(jnp.argsort(_shuffle_scores(key, count, length))).astype(jnp.int32)
 
 
 def epoch_order(key, count, length: int):
     """A random order of positions ``0..count-1`` followed by the invalid positions,
     as int32 ``[length]``; positions past the client's data are never real samples."""
-    scores = jax.random.uniform(key, (length,))
-    scores = jnp.where(jnp.arange(length) < count, scores, 2.0 + jnp.arange(length))
-    order = jnp.argsort(scores).astype(jnp.int32)
+    order = jnp.argsort(_shuffle_scores(key, count, length)).astype(jnp.int32)
     return jnp.minimum(order, jnp.maximum(count - 1, 0))

@@ -1,9 +1,21 @@
-"""Whole-engine runs on the small `digits` dataset, shared by the attack tests that run
-the engine end to end: 20 clients, all participating, 20% of them malicious."""
+"""Small `digits` federations shared by the tests: ``SMALL_DIGITS`` (12 clients, 5 per
+round, a few rounds; config, set-up and runner tests) and ``DIGITS_FEDERATION`` with
+``run_digits`` (20 clients, all participating, 20% malicious; the attack tests that run
+the engine end to end)."""
 
 from fedsim import runner
 from fedsim.config import load_config, to_spec
 from fedsim.setup import prepare
+
+SMALL_DIGITS = [
+    "data.name=digits",
+    "data.n_clients=12",
+    "client.participants=5",
+    "model.widths=[16]",
+    "client.batch_size=16",
+    "rounds=4",
+    "eval_every=2",
+]
 
 DIGITS_FEDERATION = [
     "data.name=digits",

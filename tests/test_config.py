@@ -2,6 +2,7 @@
 and traced options of pre-aggregation stages (a new clip_norm does not recompile)."""
 
 import pytest
+from digits_runs import SMALL_DIGITS
 
 from fedsim import runner
 from fedsim.config import dump, load_config, parse_override, parse_yaml, to_spec
@@ -10,15 +11,7 @@ from fedsim.round import TRACE_COUNT
 from fedsim.setup import prepare
 from fedsim.sweep import expand, group_runs
 
-SMALL = [
-    "data.name=digits",
-    "data.n_clients=12",
-    "client.participants=6",
-    "model.widths=[16]",
-    "client.batch_size=16",
-    "rounds=2",
-    "eval_every=2",
-]
+SMALL = [*SMALL_DIGITS, "client.participants=6", "rounds=2", "eval_every=2"]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from digits_runs import SMALL_DIGITS
 
 from fedsim import aggregators, attacks, memory
 from fedsim.aggregators.base import CONSTRAINTS, REFERENCES, Geometry
@@ -29,15 +30,7 @@ COMPONENTS = (
     + [(ATTACKS, n) for n in ATTACKS.names()]
 )
 IDS = [f"{reg.kind}:{name}" for reg, name in COMPONENTS]
-SMALL = [
-    "data.name=digits",
-    "data.n_clients=12",
-    "client.participants=6",
-    "model.widths=[16]",
-    "client.batch_size=16",
-    "rounds=2",
-    "eval_every=2",
-]
+SMALL = [*SMALL_DIGITS, "client.participants=6", "rounds=2", "eval_every=2"]
 
 
 def _build(registry, name, **kw):

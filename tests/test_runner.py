@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from digits_runs import SMALL_DIGITS
 from jax.flatten_util import ravel_pytree
 
 from fedsim import runner
@@ -14,15 +15,7 @@ from fedsim.round import TRACE_COUNT, make_chunk, make_init, make_round
 from fedsim.runner import program
 from fedsim.setup import prepare
 
-BASE = [
-    "data.name=digits",
-    "data.n_clients=12",
-    "client.participants=5",
-    "model.widths=[16]",
-    "client.batch_size=16",
-    "rounds=4",
-    "eval_every=2",
-]
+BASE = SMALL_DIGITS
 
 
 @pytest.fixture(scope="module")

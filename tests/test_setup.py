@@ -1,20 +1,13 @@
 """Set-up: whose data is whose (the judge's, the adversary's proxy, the clients')."""
 
 import numpy as np
+from digits_runs import SMALL_DIGITS
 
 from fedsim.config import load_config, to_spec
 from fedsim.data import load
 from fedsim.setup import carve_held_out, prepare
 
-BASE = [
-    "data.name=digits",
-    "data.n_clients=12",
-    "client.participants=5",
-    "model.widths=[16]",
-    "client.batch_size=16",
-    "rounds=4",
-    "eval_every=2",
-]
+BASE = SMALL_DIGITS
 
 
 def test_judge_proxy_and_clients_are_disjoint():

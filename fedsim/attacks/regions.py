@@ -132,14 +132,6 @@ def project(region: Region, x: Array) -> Array:
     raise ValueError(f"a {region.kind} region has no projection")
 
 
-def contains(region: Region, x: Array, rtol: float = 1e-4) -> Array:
-    """Whether ``x`` lies in a ``ball`` or ``box`` region (relative tolerance ``rtol``)."""
-    if region.kind == "ball":
-        return jnp.linalg.norm(x - region.center) <= region.radius * (1 + rtol)
-    slack = rtol * jnp.maximum(jnp.abs(region.hi - region.lo), 1e-12)
-    return jnp.all((x >= region.lo - slack) & (x <= region.hi + slack))
-
-
 def rule_region(
     setup: AttackSetup,
     rows: Array,

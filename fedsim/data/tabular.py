@@ -71,6 +71,27 @@ class TabularData(NamedTuple):
         return self.n_classes == 0
 
 
+def split_record(name, x, y, tr, te, *, groups=None, group_names=("all",), goal=None, **rest):
+    """A ``TabularData`` from whole-set arrays and the train/test indices ``tr``, ``te``:
+    ``groups`` all 0 and ``goal`` empty when not given; ``rest`` holds the other fields
+    (feature_names, n_classes, goal_target, meta)."""
+    groups = np.zeros(len(y), np.int32) if groups is None else groups
+    goal = np.zeros(len(y), bool) if goal is None else goal
+    return TabularData(
+        name=name,
+        x_train=x[tr],
+        y_train=y[tr],
+        x_test=x[te],
+        y_test=y[te],
+        groups_train=groups[tr],
+        groups_test=groups[te],
+        group_names=group_names,
+        goal_train=goal[tr],
+        goal_test=goal[te],
+        **rest,
+    )
+
+
 def goal_metrics(pred: np.ndarray, data: TabularData) -> dict[str, float]:
     """For a classifier's test predictions ``pred`` (class ids): the attack goal's success
     rate (share of the goal's test samples predicted ``goal_target``: on ``heart``, missed
@@ -240,19 +261,17 @@ def load_heart(seed: int = 0, test_fraction: float = 0.2) -> TabularData:
         "test_index": te,
         "seed": seed,
     }
-    return TabularData(
-        name="heart",
-        x_train=x[tr],
-        y_train=y[tr],
-        x_test=x[te],
-        y_test=y[te],
-        groups_train=groups[tr],
-        groups_test=groups[te],
+    return split_record(
+        "heart",
+        x,
+        y,
+        tr,
+        te,
+        groups=groups,
         group_names=HOSPITALS,
+        goal=goal,
         feature_names=heart_feature_names(),
         n_classes=2,
-        goal_train=goal[tr],
-        goal_test=goal[te],
         goal_target=0.0,
         meta=meta,
     )
@@ -281,22 +300,16 @@ def load_breast_cancer(seed: int = 0, test_fraction: float = 0.2) -> TabularData
     bunch = sk_load()
     y = bunch.target.astype(np.int32)
     tr, te, z, meta = _standardised_split(bunch.data, y, y, seed, test_fraction)
-    goal = y == 0
-    zeros = np.zeros(len(y), np.int32)
     meta["source"] = "scikit-learn load_breast_cancer (UCI, Wolberg, Street, Mangasarian)"
-    return TabularData(
-        name="breast_cancer",
-        x_train=z[tr],
-        y_train=y[tr],
-        x_test=z[te],
-        y_test=y[te],
-        groups_train=zeros[tr],
-        groups_test=zeros[te],
-        group_names=("all",),
+    return split_record(
+        "breast_cancer",
+        z,
+        y,
+        tr,
+        te,
+        goal=y == 0,
         feature_names=tuple(bunch.feature_names),
         n_classes=2,
-        goal_train=goal[tr],
-        goal_test=goal[te],
         goal_target=1.0,
         meta=meta,
     )
@@ -315,21 +328,14 @@ def load_diabetes(seed: int = 0, test_fraction: float = 0.2) -> TabularData:
     y_mean, y_std = bunch.target[tr].mean(), bunch.target[tr].std()
     y = ((bunch.target - y_mean) / y_std).astype(np.float32)
     meta.update(y_mean=float(y_mean), y_std=float(y_std), source="scikit-learn load_diabetes")
-    zeros = np.zeros(n, np.int32)
-    none = np.zeros(n, bool)
-    return TabularData(
-        name="diabetes",
-        x_train=z[tr],
-        y_train=y[tr],
-        x_test=z[te],
-        y_test=y[te],
-        groups_train=zeros[tr],
-        groups_test=zeros[te],
-        group_names=("all",),
+    return split_record(
+        "diabetes",
+        z,
+        y,
+        tr,
+        te,
         feature_names=tuple(bunch.feature_names),
         n_classes=0,
-        goal_train=none[tr],
-        goal_test=none[te],
         goal_target=0.0,
         meta=meta,
     )
