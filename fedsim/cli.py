@@ -251,13 +251,14 @@ def cmd_run(args) -> int:
 
     from fedsim.config import dump, load_config, to_spec
     from fedsim.io import write_atomic, write_json
-    from fedsim.setup import prepare
+    from fedsim.setup import components, prepare
 
     cfg = load_config(args.config, args.set, args.seed)
     spec, hparams = to_spec(cfg)
     out = _out_dir(args)
     _start_distributed(args)
     setup = _layout(prepare(spec), args)  # may refuse (memory) before writing
+    components(setup)  # checks that need the data (a subgroup's feature), before writing
     created = [p for p in (out, *out.parents) if not p.exists()]
     moved = _set_aside(out) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)

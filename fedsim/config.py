@@ -29,6 +29,8 @@ import yaml
 from fedsim import aggregators, attacks, models
 from fedsim import topology as topologies
 from fedsim.aggregators import PRE
+from fedsim.aggregators.peer import PEER_ONLY
+from fedsim.attacks.peer import PEER_ONLY as PEER_ATTACKS
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
 from fedsim.data import REGISTRY as DATASETS
@@ -400,20 +402,24 @@ def _check_rows(cfg: dict, name: str, kw: dict) -> None:
     checked now by tracing its aggregate abstractly (``jax.eval_shape``: nothing runs)."""
     n, n_clients = cfg["client"]["participants"], cfg["data"]["n_clients"]
     judge = cfg["judge"]["size"] > 0
+    peer = _peer_to_peer(cfg)
     frozen = freeze(kw)
     try:
-        _abstract_aggregate(name, frozen, n, n_clients, judge)
+        _abstract_aggregate(name, frozen, n, n_clients, judge, peer)
     except ConfigError as err:
         if not judge:
             try:
-                _abstract_aggregate(name, frozen, n, n_clients, True)
+                _abstract_aggregate(name, frozen, n, n_clients, True, peer)
             except ConfigError:
                 pass
             else:
-                raise ConfigError(
-                    f"aggregator {name!r} judges updates on data the server holds: "
-                    "set judge.size > 0 (e.g. judge.size=100)"
-                ) from None
+                whose = (
+                    "its own data, each node: set judge.size > 0, the samples of its own "
+                    "data a node judges with each round (e.g. judge.size=32)"
+                    if peer
+                    else "data the server holds: set judge.size > 0 (e.g. judge.size=100)"
+                )
+                raise ConfigError(f"aggregator {name!r} judges updates on {whose}") from None
         rows = "client.participants"
         if kw.get("pre"):
             rows = f"the rows its pre stages make of client.participants={n}"
@@ -421,7 +427,9 @@ def _check_rows(cfg: dict, name: str, kw: dict) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _abstract_aggregate(name: str, frozen_kw, n: int, n_clients: int, judge: bool) -> None:
+def _abstract_aggregate(
+    name: str, frozen_kw, n: int, n_clients: int, judge: bool, peer: bool = False
+) -> None:
     from fedsim.types import AggContext
 
     agg = aggregators.make(name, **thaw(frozen_kw))
@@ -439,6 +447,8 @@ def _abstract_aggregate(name: str, frozen_kw, n: int, n_clients: int, judge: boo
             judge_x=jnp.zeros((2, 3), jnp.float32) if judge else None,
             judge_y=jnp.zeros((2,), jnp.int32) if judge else None,
             error_fn=metric,
+            self_index=jnp.zeros((), jnp.int32) if peer else None,
+            degrees=jnp.ones((n,), jnp.float32) if peer else None,
         )
         state = agg.init(flat, n_clients)
         return agg.aggregate(jnp.zeros((n, d), jnp.float32), jnp.ones((n,)), state, ctx)[0]
@@ -469,28 +479,37 @@ def _check_partition(name: str, kw: dict) -> None:
 
 
 def _check_peer_to_peer(cfg: dict, name: str, kw: dict) -> None:
-    """Peer-to-peer topologies: every node takes part in every round, and (until attacks
-    craft per recipient) adversaries may poison data but not craft updates."""
-    if topologies.make(name, **kw).n_models != topologies.PER_CLIENT:
-        return
+    """Peer-to-peer topologies: every node takes part in every round. The peer-to-peer
+    rules and attacks (a node judging its neighbours, a message per recipient) need one."""
     n = cfg["data"]["n_clients"]
+    if not _peer_to_peer(cfg):
+        agg_name, _ = _component_kw(cfg["aggregator"], "aggregator")
+        att_name, _ = _component_kw(cfg["attack"], "attack")
+        for what, which, names in (
+            ("aggregator", agg_name, PEER_ONLY),
+            ("attack", att_name, PEER_ATTACKS),
+        ):
+            if which in names:
+                raise ConfigError(
+                    f"{what} {which!r} is for peer-to-peer learning (a node and its "
+                    f"neighbours); set topology to a graph ({', '.join(GRAPHS)})"
+                )
+        return
     if cfg["client"]["participants"] != n:
         raise ConfigError(
             f"topology {name!r} gives every client its own model and every node takes part "
             f"each round: set client.participants to data.n_clients ({n})"
         )
-    att_name, att_kw = _component_kw(cfg["attack"], "attack")
-    att_kw = {k: v for k, v in att_kw.items() if k != "fraction"}
-    try:
-        crafts = attacks.make(att_name, **att_kw).craft is not None
-    except (ConfigError, TypeError, ValueError):
-        return  # the attack's own check reports it
-    if crafts:
-        raise ConfigError(
-            f"topology {name!r}: attack {att_name!r} crafts updates, which peer-to-peer "
-            "runs cannot do yet (per-recipient crafting); use a data-poisoning attack "
-            "(label_flip, targeted, backdoor) or topology: star"
-        )
+
+
+GRAPHS = ("complete", "ring", "torus", "k_regular", "erdos_renyi", "two_worlds", "epidemic")
+
+
+def _peer_to_peer(cfg: dict) -> bool:
+    """Whether the (already checked) topology gives every node its own model."""
+    name, kw = _component_kw(cfg["topology"], "topology")
+    n = cfg["data"]["n_clients"]
+    return topologies.make(name, n_nodes=n, **kw).n_models == topologies.PER_CLIENT
 
 
 def validate(cfg: dict) -> None:
@@ -513,7 +532,7 @@ def validate(cfg: dict) -> None:
     _check_factory(models.REGISTRY, model_name, model_kw, "model", n_outputs=10)
     _check_model(model_name, model_kw)
     topo_name, topo_kw = _component_kw(cfg["topology"], "topology")
-    _check_factory(topologies.REGISTRY, topo_name, topo_kw, "topology")
+    _check_factory(topologies.REGISTRY, topo_name, topo_kw, "topology", n_nodes=n_clients)
     client = cfg["client"]
     _int(cfg, "client.participants", high=n_clients)
     _check_peer_to_peer(cfg, topo_name, topo_kw)

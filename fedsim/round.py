@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedsim import topology as topologies
 from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_steps
 from fedsim.kernels import row_sq_norms
 from fedsim.layout import shard_clients
-from fedsim.setup import Data, Setup, components, flat_unravel
-from fedsim.spec import HParams, thaw
+from fedsim.setup import Data, Setup, components, flat_unravel, is_peer_to_peer, topology_of
+from fedsim.spec import HParams
 from fedsim.types import AggContext, AggInfo, AttackContext
 
 TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
@@ -184,34 +183,50 @@ def model_functions(setup: Setup):
 def make_craft(setup: Setup, attack):
     """``craft(trained, who, state, key, hparams, data) -> updates [m, d]``: the attack's
     rewrite of the malicious rows, with what its knowledge allows (``AttackContext``)."""
-    loss_fn, error_fn = model_functions(setup)
+    context = make_attack_context(setup, attack)
 
     def craft(trained: Trained, who: Participants, state: RunState, key, hparams, data: Data):
         if attack.craft is None:
             return trained.updates
         global_flat, _ = ravel_pytree(state.params)
+        ctx = context(
+            key, hparams, data, who, global_flat, trained.benign, state.previous_aggregate
+        )
+        return attack.craft(trained.updates, who.is_malicious, ctx)
+
+    return craft
+
+
+def make_attack_context(setup: Setup, attack):
+    """``context(key, hparams, data, who, global_flat [d], benign [m, d] | None, previous
+    [d], weights=None, self_index=None) -> AttackContext``: what the adversary may use
+    when crafting against one model (peer-to-peer: one recipient node, ``self_index``,
+    whose neighbourhood ``weights`` and model ``global_flat`` it sees)."""
+    loss_fn, error_fn = model_functions(setup)
+
+    def context(key, hparams, data, who, global_flat, benign, previous, weights=None, **peer):
         goal = {}
         if attack.goal_batch:
             key, k_goal = jax.random.split(key)
             goal = goal_samples(k_goal, setup, data, who, attack, hparams.attack)
         has_proxy = data.proxy_x.shape[0] > 0
-        ctx = AttackContext(
+        return AttackContext(
             global_params=global_flat,
             key=key,
             hparams=hparams.attack,
-            weights=who.weights,
-            benign_updates=trained.benign,
-            previous_aggregate=state.previous_aggregate,
+            weights=who.weights if weights is None else weights,
+            benign_updates=benign,
+            previous_aggregate=previous,
             loss_fn=loss_fn,
             proxy_x=data.proxy_x if has_proxy else None,
             proxy_y=data.proxy_y if has_proxy else None,
             error_fn=error_fn,
             rule_hparams=hparams.agg,
             **goal,
+            **peer,
         )
-        return attack.craft(trained.updates, who.is_malicious, ctx)
 
-    return craft
+    return context
 
 
 def goal_samples(key, setup: Setup, data: Data, who: Participants, attack, attack_hp) -> dict:
@@ -236,25 +251,53 @@ def goal_samples(key, setup: Setup, data: Data, who: Participants, attack, attac
 
 def make_aggregate(setup: Setup, agg):
     """``aggregate(updates [m, d], weights [m], clients [m], state, key, hparams, data,
-    global_flat [d]) -> Aggregated``: one rule over the rows ``weights`` keeps, judging
-    with the judge's data when it is behaviour-based."""
+    global_flat [d], peer=None) -> Aggregated``: one rule over the rows ``weights`` keeps,
+    judging with the judge's data when it is behaviour-based. ``peer``: a ``PeerView``
+    (peer-to-peer: the node's own row, the rows' degrees, its own judging batch)."""
     loss_fn, error_fn = model_functions(setup)
 
-    def aggregate(updates, weights, clients, agg_state, key, hparams, data: Data, global_flat):
-        has_judge = data.judge_x.shape[0] > 0
+    def aggregate(
+        updates, weights, clients, agg_state, key, hparams, data: Data, global_flat, peer=None
+    ):
+        if peer is not None:
+            judge = {"judge_x": peer.judge_x, "judge_y": peer.judge_y}
+            judge |= {"self_index": peer.self_index, "degrees": peer.degrees}
+        elif data.judge_x.shape[0] > 0:
+            judge = {"judge_x": data.judge_x, "judge_y": data.judge_y}
+        else:
+            judge = {}
         ctx = AggContext(
             global_params=global_flat,
             key=key,
             hparams=hparams.agg,
             client_ids=clients,
             loss_fn=loss_fn,
-            judge_x=data.judge_x if has_judge else None,
-            judge_y=data.judge_y if has_judge else None,
             error_fn=error_fn,
+            **judge,
         )
         return Aggregated(*agg.aggregate(updates, weights, agg_state, ctx))
 
     return aggregate
+
+
+class PeerView(NamedTuple):
+    """What a node's rule knows besides the rows: self_index (its own row), degrees
+    ``[m]`` (each row's node's neighbour count) and judge_x ``[J, ...]``, judge_y ``[J]``
+    (J samples of its own training data, drawn afresh each round; J = 0 without
+    ``judge.size``)."""
+
+    self_index: jax.Array
+    degrees: jax.Array
+    judge_x: jax.Array | None
+    judge_y: jax.Array | None
+
+
+def own_samples(key, setup: Setup, data: Data, client, size: int):
+    """``size`` samples of ``client``'s training data, uniformly with replacement:
+    ``(x [size, ...] float32, y [size])``."""
+    pos = jax.random.randint(key, (size,), 0, jnp.maximum(data.count[client], 1))
+    rows = data.idx[client, pos]
+    return data.x[rows].astype(jnp.float32) * setup.x_scale, data.y[rows]
 
 
 def make_apply(setup: Setup):
@@ -277,7 +320,7 @@ def make_init(setup: Setup):
     spec = setup.spec
     agg, _ = components(setup)
 
-    per_client = topologies.make(spec.topology, **thaw(spec.topology_kw)).n_models == 0
+    per_client = is_peer_to_peer(spec)
 
     def init(key, hparams: HParams) -> RunState:
         k_init, k_mal, k_rounds = jax.random.split(key, 3)
@@ -328,13 +371,13 @@ def make_round(setup: Setup):
     model; peer-to-peer, every node's rule over its neighbourhood (``peer_round``)."""
     spec = setup.spec
     agg, attack = components(setup)
-    topo = topologies.make(spec.topology, **thaw(spec.topology_kw))
+    topo = topology_of(spec)
     train = make_train(setup, attack)
     craft = make_craft(setup, attack)
     aggregate = make_aggregate(setup, agg)
     apply = make_apply(setup)
-    if topo.n_models == topologies.PER_CLIENT:
-        return peer_round(setup, topo, train, aggregate, apply)
+    if is_peer_to_peer(spec):
+        return peer_round(setup, topo, train, aggregate, apply, attack)
 
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
@@ -361,16 +404,24 @@ def make_round(setup: Setup):
     return round_step
 
 
-def peer_round(setup: Setup, topo, train, aggregate, apply):
+def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     """The round with one model per node: every node trains from its own model, then each
     node's rule (the same ``Aggregator``, vmapped over nodes, its own state and key)
-    aggregates the rows its neighbourhood weights keep, with its own model as the rule's
-    reference (``global_params``). Exchanging models, the rows are the nodes' trained
-    models and a node's step is ``rule(rows) - own``; exchanging updates, ``rule(rows)``.
+    aggregates the rows its neighbourhood weights keep. The rows a node's rule sees are
+    relative to that node's model before training (its ``global_params``): exchanging
+    models, ``model_j - own``; exchanging updates, ``update_j``. So a rule's reference
+    point (the origin, its own row) is the node's own model, and its output is the node's
+    step. Behaviour-based rules judge with ``judge.size`` samples of the node's own data.
+    A crafting adversary writes each recipient its own message: the malicious rows of
+    node k's neighbourhood are crafted against node k (its model, its neighbourhood, its
+    rule; ``AttackContext.self_index`` = k), after the adversary's goal samples are
+    drawn once for the round.
     Neighbourhoods here are dense ``[n, n]`` weights (every rule sees all rows, weight 0
     for non-neighbours). Metrics are the honest nodes' means."""
     spec = setup.spec
     _, ravel_rows = flat_unravel(setup)
+    nodes = jnp.arange(spec.n_clients)
+    context = make_attack_context(setup, attack)
 
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
@@ -378,22 +429,45 @@ def peer_round(setup: Setup, topo, train, aggregate, apply):
         who = sample(keys.sample, state.malicious, data, spec.n_clients, spec.n_clients)
         own = ravel_rows(state.params)  # [n, d]: the nodes' models
         trained = train(state.params, who, keys.train, hparams, data, own=True)
-        rows = own + trained.updates if topo.exchange == "models" else trained.updates
         neighbourhoods = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)
+        degrees = jnp.sum(neighbourhoods > 0, axis=1).astype(jnp.float32) - 1.0
         node_keys = jax.random.split(keys.aggregate, spec.n_clients)
+        attack_keys = jax.random.split(keys.attack, spec.n_clients)
+        models = topo.exchange == "models"
+        sent = own + trained.updates if models else trained.updates  # [n, d], shared
+        benign = trained.benign
 
-        def node(weights, agg_state, flat, key):
-            out = aggregate(rows, weights, who.clients, agg_state, key, hparams, data, flat)
-            step = out.delta - flat if topo.exchange == "models" else out.delta
-            return out, step
+        def craft_for(k, rows, weights, flat, previous, key):
+            """Node k's neighbourhood rows, the malicious ones crafted against it."""
+            if attack.craft is None:
+                return rows
+            mine = own + benign - flat if benign is not None and models else benign
+            ctx = context(key, hparams, data, who, flat, mine, previous, weights, self_index=k)
+            return attack.craft(rows, who.is_malicious, ctx)
 
-        out, steps = jax.vmap(node)(neighbourhoods, state.agg_state, own, node_keys)
+        def node(k, weights, agg_state, flat, previous, key, k_attack):
+            k_rule, k_judge = jax.random.split(key)
+            judge = (None, None)
+            if spec.judge_size:
+                judge = own_samples(k_judge, setup, data, k, spec.judge_size)
+            view = PeerView(k, degrees, *judge)
+            rows = craft_for(k, sent - flat if models else sent, weights, flat, previous, k_attack)
+            args = (who.clients, agg_state, k_rule, hparams, data, flat, view)
+            out = aggregate(rows, weights, *args)
+            # each group's distance to what the node accepted, as the node received them
+            return out, distances_to(out.delta, rows, weights > 0, who.is_malicious)
+
+        per_node = (nodes, neighbourhoods, state.agg_state, own, state.previous_aggregate)
+        out, distances = jax.vmap(node)(*per_node, node_keys, attack_keys)
+        steps = out.delta
         params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
             state.params, state.server_opt_state, steps, hparams
         )
-        per_node = jax.vmap(round_metrics, in_axes=(0, 0, 0, None, 0, None))(
-            out.info.weight, out.delta, steps, rows, params, who
-        )
+        # per node, over its neighbourhood: who is present is who it hears from
+        heard = who._replace(weights=neighbourhoods)
+        per_node = jax.vmap(
+            round_metrics, in_axes=(0, None, 0, 0, 0, Participants(None, None, 0, None))
+        )(out.info.weight, None, steps, distances, params, heard)
         honest = ~who.is_malicious
         metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
         return advanced(state, params, opt_state, out.agg_state, steps), metrics
@@ -425,7 +499,8 @@ def _honest_mean(values, honest):
 def round_metrics(weight, reference, step, rows, params, who: Participants) -> RoundMetrics:
     """What the round did for one model: the weight each group got from its rule
     (``weight [m]``), the step's norm, divergence (the step or the new model non-finite)
-    and each group's distance to the rule's output ``reference [d]``."""
+    and each group's distance to the rule's output ``reference [d]`` (given instead as a
+    dict ``distances_to`` made, when ``rows`` is a mapping)."""
     is_mal, present = who.is_malicious, who.weights > 0
     leaves = jax.tree_util.tree_leaves(params)
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -433,10 +508,10 @@ def round_metrics(weight, reference, step, rows, params, who: Participants) -> R
         malicious_weight=jnp.sum(jnp.where(is_mal, weight, 0.0)),
         honest_weight=jnp.sum(jnp.where(is_mal, 0.0, weight)),
         honest_accepted=honest_accepted(weight, present, is_mal, who.weights),
-        malicious_participants=jnp.sum(is_mal),
+        malicious_participants=jnp.sum(is_mal & present),
         update_norm=jnp.linalg.norm(step),
         finite=jnp.all(jnp.isfinite(step)) & params_finite,
-        **distances_to(reference, rows, present, is_mal),
+        **(rows if isinstance(rows, dict) else distances_to(reference, rows, present, is_mal)),
     )
 
 
@@ -480,7 +555,7 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
     _, attack = components(setup)
     apply_fn, task = setup.module.apply, setup.task
     main = task.main_metric
-    per_client = topologies.make(setup.spec.topology, **thaw(setup.spec.topology_kw)).n_models
+    peer = is_peer_to_peer(setup.spec)
     _, ravel_rows = flat_unravel(setup)
 
     def predict(params, x):  # float32 [T, ...] -> outputs [T, k], in batches
@@ -497,16 +572,15 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
         outputs = predict(params, data.x_test)
         out = task.metrics(outputs, data.y_test)
         if attack.success is not None:
-            out["attack_success_rate"] = attack.success(
-                lambda x: predict(params, x), data.x_test, data.y_test
-            )
+            rate = attack.success(lambda x: predict(params, x), data.x_test, data.y_test)
+            out.update(rate if isinstance(rate, dict) else {"attack_success_rate": rate})
         for g in range(setup.n_groups if setup.n_groups > 1 else 0):
             mask = (data.test_group == g).astype(jnp.float32)
             out[f"group{g}_{main}"] = task.metrics(outputs, data.y_test, mask)[main]
         return out
 
     def evaluate(state: RunState, data: Data):
-        if per_client != topologies.PER_CLIENT:
+        if not peer:
             return one_model(state.params, data)
         per_node = jax.vmap(one_model, in_axes=(0, None))(state.params, data)
         honest = ~state.malicious

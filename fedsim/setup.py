@@ -19,7 +19,9 @@ import numpy as np
 
 from fedsim import aggregators, attacks, models
 from fedsim import task as tasks
+from fedsim import topology as topologies
 from fedsim.data import load, pack, partition
+from fedsim.data.tabular import input_units
 from fedsim.registry import ConfigError, accepted
 from fedsim.spec import Spec, thaw
 from fedsim.task import Task
@@ -81,21 +83,31 @@ def carve_held_out(labels: np.ndarray, spec: Spec) -> tuple[np.ndarray, np.ndarr
     default to the judge's, so it stands for the same distribution), then the clients share
     the rest. With ``proxy.source: judge`` the proxy *is* the judge's set (an omniscient
     adversary). Seeds derive from ``partition_seed``; with no judge and no proxy every
-    sample goes to the clients, exactly as before.
+    sample goes to the clients, exactly as before. Peer-to-peer, every node judges with
+    its own data (``judge.size`` of its samples a round), so no judge's set is carved.
     """
     remaining = np.arange(len(labels))
-    judge = _draw(
-        labels, remaining, spec.judge_size, spec.judge_classes, spec.partition_seed + 1, "judge"
-    )
+    held = 0 if is_peer_to_peer(spec) else spec.judge_size
+    judge = _draw(labels, remaining, held, spec.judge_classes, spec.partition_seed + 1, "judge")
     remaining = np.setdiff1d(remaining, judge)
     if spec.proxy_source == "judge":
         proxy = judge
     else:
-        size = spec.judge_size if spec.proxy_size is None else spec.proxy_size
+        size = held if spec.proxy_size is None else spec.proxy_size
         classes = spec.judge_classes if spec.proxy_classes is None else spec.proxy_classes
         proxy = _draw(labels, remaining, size, classes, spec.partition_seed + 2, "proxy")
         remaining = np.setdiff1d(remaining, proxy)
     return judge, proxy, remaining
+
+
+def topology_of(spec: Spec) -> topologies.Topology:
+    """The Spec's ``Topology``, over its ``n_clients`` nodes."""
+    return topologies.make(spec.topology, n_nodes=spec.n_clients, **thaw(spec.topology_kw))
+
+
+def is_peer_to_peer(spec: Spec) -> bool:
+    """Whether the Spec's topology gives every node its own model."""
+    return topology_of(spec).n_models == topologies.PER_CLIENT
 
 
 def _draw(labels, pool, size: int, classes, seed: int, what: str) -> np.ndarray:
@@ -199,11 +211,13 @@ def components(setup: Setup):
     """The aggregator and attack of a Setup's Spec."""
     spec = setup.spec
     agg = aggregators.make(spec.aggregator, **thaw(spec.aggregator_kw))
+    tabular = (setup.meta or {}).get("tabular")
     attack_setup = AttackSetup(
         rule=spec.aggregator,
         rule_kw=tuple(sorted(thaw(spec.aggregator_kw).items())),
         n_classes=setup.n_classes,
         input_shape=setup.input_shape,
+        features=() if tabular is None else input_units(tabular),
     )
     fixed = accepted(attacks.REGISTRY.get(spec.attack), setup=attack_setup)
     attack = attacks.make(spec.attack, **fixed, **thaw(spec.attack_kw))

@@ -11,23 +11,31 @@ other mechanism.
 - Peer-to-peer: every client is a node with its own model (``n_models = n_clients``,
   every node takes part each round); node k's rule aggregates the rows of its
   neighbourhood (itself included), ``exchange``-ing models (default) or updates.
-  ``complete``: every node sees every node; ``isolated``: every node sees only itself
-  (each client trains alone with the federation's budget: the ``local_only`` baseline
-  of the collaboration gain).
+  Fixed graphs (an undirected ``[n, n]`` adjacency with self-loops, built once with
+  numpy from ``seed`` and checked connected): ``complete``, ``ring``, ``torus`` (2-D,
+  ``rows`` × n/rows, wrapping), ``k_regular`` (``k``), ``erdos_renyi`` (``p``, redrawn
+  until connected), ``two_worlds`` (two complete halves joined by ``bridges`` edges: the
+  bottleneck of He, Karimireddy & Jaggi 2022), ``edges`` (an edge-list file). One that
+  changes every round: ``epidemic`` (each node pulls from ``s`` peers drawn afresh, El
+  Mrini, Farhadkhani & Guerraoui 2025). ``isolated``: every node sees only itself (each
+  client trains alone with the federation's budget: the ``local_only`` baseline of the
+  collaboration gain).
 
-A new graph is a factory returning a ``Topology`` whose ``neighbourhoods`` gives the
-``[n_nodes, m]`` weights (sparse graphs gather the neighbourhoods' rows instead: issue
-"Peer-to-peer learning").
+Every factory takes ``n_nodes`` (the config's ``data.n_clients``, given by the engine);
+a malformed or disconnected graph is a one-line ``ConfigError``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fedsim.registry import ConfigError, Registry
+from fedsim.registry import ConfigError, Registry, accepted
 
 REGISTRY = Registry("topology")
 
@@ -36,12 +44,15 @@ class Topology(NamedTuple):
     """n_models: how many models the federation holds (1: a server's global model; 0:
     one per client). neighbourhoods(key, clients [m], weights [m]) -> ``[n_models, m]``:
     the weights each model's rule gives the round's rows. exchange: what peers send
-    (``models`` or ``updates``; the star's server always receives updates)."""
+    (``models`` or ``updates``; the star's server always receives updates). adjacency:
+    the fixed graph (bool ``[n, n]``, self-loops included) or None (star; a graph drawn
+    every round)."""
 
     name: str
     n_models: int
     neighbourhoods: Callable
     exchange: str = "updates"
+    adjacency: np.ndarray | None = None
 
 
 PER_CLIENT = 0  # n_models of peer-to-peer topologies: one model per client
@@ -52,6 +63,55 @@ def _check_exchange(exchange: str) -> None:
         raise ConfigError(f"topology.exchange must be models or updates, got {exchange!r}")
 
 
+def _int_option(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(f"topology.{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"topology.{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def connected(adjacency: np.ndarray) -> bool:
+    """Whether the undirected graph ``adjacency`` (bool ``[n, n]``) is connected."""
+    n = adjacency.shape[0]
+    seen = np.zeros(n, bool)
+    seen[0] = True
+    frontier = seen.copy()
+    while frontier.any():
+        frontier = adjacency[frontier].any(axis=0) & ~seen
+        seen |= frontier
+    return bool(seen.all())
+
+
+def _graph(name: str, adjacency: np.ndarray, exchange: str) -> Topology:
+    """A fixed graph topology: checked symmetric, self-looped and connected."""
+    _check_exchange(exchange)
+    adjacency = np.asarray(adjacency, bool) | np.eye(adjacency.shape[0], dtype=bool)
+    if not (adjacency == adjacency.T).all():
+        raise ConfigError(f"topology {name!r}: the graph must be undirected")
+    lonely = np.flatnonzero(adjacency.sum(axis=1) == 1)
+    if adjacency.shape[0] > 1 and lonely.size:
+        raise ConfigError(
+            f"topology {name!r}: node {int(lonely[0])} has no neighbours; every node needs "
+            "at least one"
+        )
+    if not connected(adjacency):
+        raise ConfigError(f"topology {name!r}: the graph is disconnected; it must be connected")
+    mask = jnp.asarray(adjacency)
+    neighbourhoods = lambda key, clients, w: jnp.where(mask[clients][:, clients], w[None, :], 0)
+    return Topology(name, PER_CLIENT, neighbourhoods, exchange, adjacency)
+
+
+def _undirected(n: int, ends, others) -> np.ndarray:
+    """``[n, n]`` bool adjacency with an edge between each ``ends[e]`` and ``others[e]``."""
+    a = np.zeros((n, n), bool)
+    ends, others = np.asarray(ends, np.int64), np.asarray(others, np.int64)
+    a[ends, others] = True
+    a[others, ends] = True
+    return a
+
+
 @REGISTRY.register("star")
 def make_star() -> Topology:
     """A server aggregating every participant into one global model."""
@@ -59,23 +119,171 @@ def make_star() -> Topology:
 
 
 @REGISTRY.register("complete")
-def make_complete(exchange: str = "models") -> Topology:
+def make_complete(n_nodes: int = 2, exchange: str = "models") -> Topology:
     """Every node aggregates every node's row (itself included), weighted by sample
     counts as the rule uses them: with the mean, gossip on a complete graph is FedAvg."""
-    _check_exchange(exchange)
-    return Topology(
-        "complete",
-        PER_CLIENT,
-        lambda key, clients, w: jnp.broadcast_to(w, (w.shape[0],) * 2),
-        exchange,
-    )
+    return _graph("complete", np.ones((n_nodes, n_nodes), bool), exchange)
 
 
 @REGISTRY.register("isolated")
-def make_isolated() -> Topology:
+def make_isolated(n_nodes: int = 1) -> Topology:
     """Every node keeps to itself: each client trains alone (local-only learning)."""
-    return Topology("isolated", PER_CLIENT, lambda key, clients, w: jnp.diag(w), "updates")
+    eye = np.eye(n_nodes, dtype=bool)
+    return Topology("isolated", PER_CLIENT, lambda key, clients, w: jnp.diag(w), "updates", eye)
 
 
-def make(name: str, **kw) -> Topology:
-    return REGISTRY.make(name, **kw)
+@REGISTRY.register("ring")
+def make_ring(n_nodes: int = 3, exchange: str = "models") -> Topology:
+    """Node i's neighbours are i - 1 and i + 1 (mod n); needs n ≥ 3."""
+    if n_nodes < 3:
+        raise ConfigError(f"topology 'ring' needs at least 3 nodes, got {n_nodes}")
+    i = np.arange(n_nodes)
+    return _graph("ring", _undirected(n_nodes, i, (i + 1) % n_nodes), exchange)
+
+
+@REGISTRY.register("torus")
+def make_torus(n_nodes: int = 9, rows: int | None = None, exchange: str = "models") -> Topology:
+    """A 2-D wrapping grid of ``rows`` × ``n / rows`` nodes (default: the most square
+    factorisation), each linked to its four grid neighbours; both sides at least 3."""
+    if rows is None:
+        rows = max(r for r in range(1, int(np.sqrt(n_nodes)) + 1) if n_nodes % r == 0)
+    rows = _int_option("rows", rows, 1)
+    cols = n_nodes // rows
+    if rows * cols != n_nodes or min(rows, cols) < 3:
+        raise ConfigError(
+            f"topology 'torus': {n_nodes} nodes do not make a grid of {rows} rows with both "
+            "sides at least 3; set data.n_clients to rows x cols (e.g. 9, 12, 16) or "
+            "topology.rows to a divisor"
+        )
+    grid = np.arange(n_nodes).reshape(rows, cols)
+    right = _undirected(n_nodes, grid.ravel(), np.roll(grid, -1, axis=1).ravel())
+    down = _undirected(n_nodes, grid.ravel(), np.roll(grid, -1, axis=0).ravel())
+    return _graph("torus", right | down, exchange)
+
+
+@REGISTRY.register("k_regular")
+def make_k_regular(
+    n_nodes: int = 4, k: int = 2, seed: int = 0, exchange: str = "models"
+) -> Topology:
+    """A random ``k``-regular graph (seeded): the circulant graph (each node linked to the
+    k/2 nearest on either side, and the opposite node when k is odd), then 10·n·k random
+    double-edge swaps, each kept when the graph stays simple and connected. Needs
+    ``k < n`` and ``n·k`` even."""
+    k = _int_option("k", k, 2, n_nodes - 1)
+    if (n_nodes * k) % 2:
+        raise ConfigError(f"topology 'k_regular': n·k must be even, got n={n_nodes}, k={k}")
+    rng = np.random.default_rng(_int_option("seed", seed, 0))
+    i = np.arange(n_nodes)
+    adjacency = np.zeros((n_nodes, n_nodes), bool)
+    for shift in range(1, k // 2 + 1):
+        adjacency |= _undirected(n_nodes, i, (i + shift) % n_nodes)
+    if k % 2:
+        half = np.arange(n_nodes // 2)
+        adjacency |= _undirected(n_nodes, half, half + n_nodes // 2)
+    for _ in range(10 * n_nodes * k):
+        edges = np.argwhere(np.triu(adjacency, 1))
+        (a, b), (c, e) = edges[rng.choice(len(edges), 2, replace=False)]
+        if len({a, b, c, e}) < 4 or adjacency[a, c] or adjacency[b, e]:
+            continue
+        swapped = adjacency.copy()
+        swapped[[a, b, c, e], [b, a, e, c]] = False
+        swapped[[a, c, b, e], [c, a, e, b]] = True
+        if connected(swapped):
+            adjacency = swapped
+    return _graph("k_regular", adjacency, exchange)
+
+
+@REGISTRY.register("erdos_renyi")
+def make_erdos_renyi(
+    n_nodes: int = 2, p: float = 0.5, seed: int = 0, exchange: str = "models"
+) -> Topology:
+    """Each pair linked with probability ``p`` (seeded), redrawn until connected (at most
+    100 draws)."""
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+        raise ConfigError(f"topology.p must be a probability in (0, 1], got {p!r}")
+    rng = np.random.default_rng(_int_option("seed", seed, 0))
+    for _ in range(100):
+        upper = np.triu(rng.random((n_nodes, n_nodes)) < p, 1)
+        adjacency = upper | upper.T
+        if connected(adjacency | np.eye(n_nodes, dtype=bool)):
+            return _graph("erdos_renyi", adjacency, exchange)
+    hint = np.log(n_nodes) / n_nodes
+    raise ConfigError(
+        f"topology 'erdos_renyi': p={p} gave no connected graph on {n_nodes} nodes in 100 "
+        f"draws; raise p (connectivity needs about p > ln(n)/n = {hint:.3f})"
+    )
+
+
+@REGISTRY.register("two_worlds")
+def make_two_worlds(
+    n_nodes: int = 4, bridges: int = 1, seed: int = 0, exchange: str = "models"
+) -> Topology:
+    """Two complete clusters (nodes ``0 .. n//2 - 1`` and the rest) joined by ``bridges``
+    distinct random edges between them (seeded): the bottleneck case."""
+    half = n_nodes // 2
+    if half < 2:
+        raise ConfigError(f"topology 'two_worlds' needs at least 4 nodes, got {n_nodes}")
+    bridges = _int_option("bridges", bridges, 1, half * (n_nodes - half))
+    rng = np.random.default_rng(_int_option("seed", seed, 0))
+    adjacency = np.zeros((n_nodes, n_nodes), bool)
+    adjacency[:half, :half] = True
+    adjacency[half:, half:] = True
+    cross = rng.choice(half * (n_nodes - half), bridges, replace=False)
+    side = n_nodes - half
+    adjacency |= _undirected(n_nodes, cross // side, half + cross % side)
+    return _graph("two_worlds", adjacency, exchange)
+
+
+@REGISTRY.register("edges")
+def make_edges(n_nodes: int = 2, path: str = "", exchange: str = "models") -> Topology:
+    """An undirected graph from a text file: one edge per line, two node ids (0 to n - 1)
+    separated by a space or a comma; blank lines and lines starting with ``#`` skipped."""
+    file = Path(path)
+    if not path or not file.is_file():
+        raise ConfigError(f"topology 'edges': path {path!r} is not a file; give an edge list")
+    pairs = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.replace(",", " ").split()
+        if len(fields) != 2 or not all(f.lstrip("-").isdigit() for f in fields):
+            raise ConfigError(
+                f"topology 'edges': {path} line {number} is {text!r}; want two node ids"
+            )
+        a, b = (int(f) for f in fields)
+        bad = [v for v in (a, b) if not 0 <= v < n_nodes]
+        if bad:
+            raise ConfigError(
+                f"topology 'edges': {path} line {number} names node {bad[0]}; ids must be "
+                f"0 to {n_nodes - 1} (data.n_clients = {n_nodes})"
+            )
+        pairs.append((a, b))
+    ends, others = np.asarray(pairs, np.int64).reshape(-1, 2).T
+    return _graph("edges", _undirected(n_nodes, ends, others), exchange)
+
+
+@REGISTRY.register("epidemic")
+def make_epidemic(n_nodes: int = 2, s: int = 1, exchange: str = "models") -> Topology:
+    """Every round each node pulls from ``s`` peers drawn uniformly afresh (without
+    replacement, itself excluded) and aggregates them with its own row: a directed graph
+    that changes every round."""
+    s = _int_option("s", s, 1, n_nodes - 1)
+    _check_exchange(exchange)
+
+    def neighbourhoods(key, clients, w):
+        m = clients.shape[0]
+        scores = jax.random.uniform(key, (m, m))
+        scores = jnp.where(jnp.eye(m, dtype=bool), -1.0, scores)
+        _, peers = jax.lax.top_k(scores, s)
+        pulled = jnp.zeros((m, m), bool).at[jnp.arange(m)[:, None], peers].set(True)
+        return jnp.where(pulled | jnp.eye(m, dtype=bool), w[None, :], 0)
+
+    return Topology("epidemic", PER_CLIENT, neighbourhoods, exchange)
+
+
+def make(name: str, n_nodes: int | None = None, **kw) -> Topology:
+    """Build topology ``name`` over ``n_nodes`` nodes (ignored by ``star``)."""
+    factory = REGISTRY.get(name)
+    fixed = accepted(factory, n_nodes=n_nodes) if n_nodes is not None else {}
+    return factory(**fixed, **kw)

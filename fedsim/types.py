@@ -55,6 +55,13 @@ class AggContext(NamedTuple):
     judge_x, judge_y: the data the judge holds (root / validation set), or ``None``.
     error_fn: ``(flat_params [d], x, y) -> scalar`` error rate (1 - accuracy), for
         error-based rules (Fang et al. 2020's ERR).
+    self_index: peer-to-peer only (else ``None``): int32 scalar, the row that is the
+        judging node's own. Its rows are then relative to the node's model before local
+        training (``global_params``), so the origin is that model and row ``self_index``
+        is the node's own trained model (or update). judge_x/judge_y are then samples of
+        the node's own training data.
+    degrees: peer-to-peer only: ``[n]`` float, each row's node's number of neighbours
+        (itself excluded) this round, for Metropolis–Hastings mixing weights.
     """
 
     global_params: Array
@@ -65,6 +72,8 @@ class AggContext(NamedTuple):
     judge_x: Array | None = None
     judge_y: Array | None = None
     error_fn: LossFn | None = None
+    self_index: Array | None = None
+    degrees: Array | None = None
 
 
 class Aggregator(NamedTuple):
@@ -97,6 +106,9 @@ class AttackContext(NamedTuple):
         or stamped with the trigger). Only for attacks with ``goal_batch > 0``.
     rule_hparams: the traced options of the rule (its configuration, public to whoever
         knows the rule), e.g. ``{"beta": ...}`` for the trimmed mean.
+    self_index: peer-to-peer only (else ``None``): the recipient node's row. The rows,
+        ``weights`` (its neighbourhood) and ``global_params`` (its model) are then the
+        recipient's view (``AggContext.self_index``); ``craft`` runs once per recipient.
     """
 
     global_params: Array
@@ -113,6 +125,7 @@ class AttackContext(NamedTuple):
     goal_y: Array | None = None
     goal_mask: Array | None = None
     rule_hparams: dict | None = None
+    self_index: Array | None = None
 
 
 class AttackSetup(NamedTuple):
@@ -122,12 +135,16 @@ class AttackSetup(NamedTuple):
     (lists and mappings, not frozen), a sorted tuple of (key, value) pairs; an attack that
     "knows the rule" reads them (Krum's f); traced ones arrive in ``ctx.rule_hparams``.
     n_classes: number of classes (0 for regression); input_shape: one example's shape.
+    features: float-feature datasets: one ``(name, mean, std)`` per input column, how a
+        raw value becomes the model's input (``(raw - mean) / std``; ``()`` for images;
+        None while the data is not loaded, as when a config is validated).
     """
 
     rule: str = "mean"
     rule_kw: tuple = ()
     n_classes: int = 10
     input_shape: tuple = (28, 28, 1)
+    features: tuple | None = None
 
 
 class Attack(NamedTuple):
@@ -143,8 +160,9 @@ class Attack(NamedTuple):
     needs_benign: if True the engine also trains malicious clients on clean data and
         passes the result as ``ctx.benign_updates``.
     success(predict, x [t, ...], y [t]) -> scalar in [0, 1]: the attack success rate on
-        the test set, ``predict(x) -> logits [t, c]`` (targeted, backdoor, ...); ``None``
-        for untargeted attacks (their effect is the accuracy drop).
+        the test set (or a dict of metrics holding ``attack_success_rate``), with
+        ``predict(x) -> logits [t, c]`` (targeted, backdoor, ...); ``None`` for untargeted
+        attacks (their effect is the accuracy drop).
     goal_batch: how many goal samples ``craft`` needs in ``ctx.goal_x`` (0: none).
     """
 

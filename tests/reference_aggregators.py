@@ -409,3 +409,87 @@ def ref_clip(x, w, clip_norm=1.0):
     x = np.asarray(x, np.float64)
     scale = np.array([_clip(np.linalg.norm(r), clip_norm) for r in x])
     return x * scale[:, None], np.asarray(w, np.float64), np.diag(scale)
+
+
+# --- peer-to-peer: the judging node's own row ``me`` and each row's degree ``deg`` ----------
+
+
+def peer_view(x, w):
+    """The test harness's node: the present finite row of largest weight (else the
+    present row of largest weight), and degrees ``floor(3 w) + 1`` (both follow a
+    permutation of the rows)."""
+    w = np.asarray(w, np.float64)
+    usable = [i for i in range(len(w)) if w[i] > 0 and _finite(np.asarray(x[i]))]
+    usable = usable or [i for i in range(len(w)) if w[i] > 0]
+    me = max(usable, key=lambda i: (w[i], -i))
+    return me, np.floor(3 * np.asarray(w, np.float32)).astype(np.float64) + 1
+
+
+def metropolis(x, w, me, deg):
+    """Metropolis–Hastings weights of node ``me``: ``1 / (1 + max(deg_me, deg_j))`` for each
+    present finite neighbour, the rest on ``me``; ``deg_me`` is its count of present
+    neighbours."""
+    mix = np.zeros(len(w))
+    deg_me = sum(1 for j in range(len(w)) if j != me and w[j] > 0)
+    for j in range(len(w)):
+        if j != me and w[j] > 0 and _finite(np.asarray(x[j])):
+            mix[j] = 1 / (1 + max(deg_me, deg[j]))
+    mix[me] = 1 - mix.sum()
+    return mix
+
+
+def _combination(x, coef):
+    x = np.asarray(x, np.float64)
+    return sum((coef[j] * x[j] for j in range(len(coef)) if coef[j] != 0), np.zeros(x.shape[1]))
+
+
+def ref_gossip(x, w, me, deg):
+    mix = metropolis(x, w, me, deg)
+    return _combination(x, mix), mix
+
+
+def ref_self_centered_clipping(x, w, me, deg, tau=1.0):
+    x = np.asarray(x, np.float64)
+    mix = metropolis(x, w, me, deg)
+    coef = np.zeros(len(w))
+    for j in range(len(w)):
+        if j != me and mix[j] > 0:
+            coef[j] = mix[j] * _clip(np.linalg.norm(x[j] - x[me]), tau)
+    coef[me] = 1 - coef.sum()
+    return _combination(x, coef), coef
+
+
+def _mix_accepted(x, accepted, me, alpha):
+    coef = np.zeros(len(x))
+    if accepted:
+        coef[accepted] = (1 - alpha) / len(accepted)
+        coef[me] += alpha
+    else:
+        coef[me] = 1.0
+    return _combination(x, coef), coef
+
+
+def _neighbours(x, w, me):
+    return [j for j in range(len(w)) if j != me and w[j] > 0 and _finite(np.asarray(x[j]))]
+
+
+def ref_balance(x, w, me, glob, gamma=0.5, kappa=1.0, alpha=0.5, horizon=0, t=0):
+    x = np.asarray(x, np.float64)
+    decay = math.exp(-kappa * t / horizon) if horizon else 1.0
+    limit = gamma * decay * np.linalg.norm(np.asarray(glob, np.float64) + x[me])
+    accepted = [j for j in _neighbours(x, w, me) if np.linalg.norm(x[j] - x[me]) <= limit]
+    return _mix_accepted(x, accepted, me, alpha)
+
+
+def ref_ubar(x, w, me, glob, jx, jy, rho=0.5, alpha=0.5):
+    x = np.asarray(x, np.float64)
+    glob = np.asarray(glob, np.float64)
+    others = _neighbours(x, w, me)
+    keep = max(math.ceil(rho * len(others)), 1)
+    near = sorted(others, key=lambda j: (np.linalg.norm(x[j] - x[me]), j))[:keep]
+    loss = {j: linear_loss(glob + x[j], jx, jy) for j in near}
+    own = linear_loss(glob + x[me], jx, jy)
+    accepted = [j for j in near if loss[j] <= own]
+    if not accepted and near:
+        accepted = [min(near, key=lambda j: (loss[j], j))]
+    return _mix_accepted(x, accepted, me, alpha)

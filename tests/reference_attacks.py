@@ -79,3 +79,16 @@ def project_l2(u, c, r):
 
 def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def dissensus(x, malicious, weights, me, eps):
+    """Every present malicious row sends ``x_me - eps * sum_h (x_h - x_me) / #malicious``
+    (h: the present honest rows); the honest rows are unchanged."""
+    x = np.asarray(x, np.float64)
+    here = np.asarray(weights) > 0
+    honest = here & ~malicious
+    pull = sum((x[h] - x[me] for h in np.flatnonzero(honest)), np.zeros(x.shape[1]))
+    crafted = x[me] - eps * pull / max(int(np.sum(here & malicious)), 1)
+    out = x.copy()
+    out[malicious] = crafted
+    return out

@@ -127,6 +127,42 @@ CASES = {
 }
 
 
+def _peer(name, kw):
+    return lambda x, w, e, f: getattr(ref, f"ref_{name}")(x, w, *ref.peer_view(x, w), **kw)
+
+
+# the peer-to-peer rules (run with the harness's node, ``ref.peer_view``)
+CASES |= {
+    "gossip": Case({}, _peer("gossip", {}), equivariant=True),
+    "self_centered_clipping": Case(
+        {"tau": 1.5}, _peer("self_centered_clipping", {"tau": 1.5}), equivariant=True
+    ),
+    "balance": Case(
+        {"gamma": 2.0},
+        lambda x, w, e, f: ref.ref_balance(x, w, ref.peer_view(x, w)[0], e.glob, gamma=2.0),
+    ),
+    "ubar": Case(
+        {"rho": 0.5},
+        lambda x, w, e, f: ref.ref_ubar(x, w, ref.peer_view(x, w)[0], e.glob, e.jx, e.jy),
+        judge=True,
+    ),
+}
+
+
+def peer_context(x, w):
+    """``(self_index, degrees)`` of the harness's node, as ``ref.peer_view`` picks them;
+    rules that are not peer-to-peer ignore both."""
+    present = w > 0
+    usable = present & jnp.all(jnp.isfinite(x), axis=1)
+    usable = jnp.where(jnp.any(usable), usable, present)
+    return jnp.argmax(jnp.where(usable, w, -jnp.inf)), jnp.floor(3 * w) + 1
+
+
+def _context(glob, key, hparams, jx, jy, x, w):
+    me, degrees = peer_context(x, w)
+    return AggContext(glob, key, hparams, None, linear_loss, jx, jy, self_index=me, degrees=degrees)
+
+
 def _options(name, f):
     return {k: (f if v == "F" else v) for k, v in CASES[name].kw.items()}
 
@@ -146,7 +182,7 @@ def _compiled(name, f, n_clients):
 
     @jax.jit
     def run(x, w, key, glob, jx, jy, hparams):
-        ctx = AggContext(glob, key, hparams, None, linear_loss, jx, jy)
+        ctx = _context(glob, key, hparams, jx, jy, x, w)
         return agg.aggregate(x, w, agg.init(glob, n_clients), ctx)
 
     return run
@@ -321,7 +357,7 @@ def test_traced_options_do_not_retrace(name):
     @jax.jit
     def run(x, w, hparams):
         traces.append(1)
-        ctx = AggContext(env.glob, env.key, hparams, None, linear_loss, env.jx, env.jy)
+        ctx = _context(env.glob, env.key, hparams, env.jx, env.jy, x, w)
         return agg.aggregate(x, w, agg.init(env.glob, x.shape[0]), ctx)[0]
 
     x, w = _data(11, 6, 9)

@@ -54,6 +54,7 @@ def context(hparams=None, updates=UPDATES, key=0, **kw):
         loss_fn=linear_loss,
         proxy_x=jnp.asarray(X),
         proxy_y=jnp.asarray(Y),
+        self_index=jnp.int32(5),  # the recipient, for the peer-to-peer attacks
     )
     base.update(kw)
     return AttackContext(**base)
@@ -103,7 +104,9 @@ def test_every_attack_is_well_formed(name):
         np.testing.assert_array_equal(out[~MAL], UPDATES[~MAL])
     if attack.success is not None:
         rate = attack.success(lambda x: jnp.zeros((x.shape[0], C)), jnp.asarray(X), Y)
-        assert 0.0 <= float(rate) <= 1.0
+        rates = rate if isinstance(rate, dict) else {"attack_success_rate": rate}
+        assert "attack_success_rate" in rates
+        assert all(0.0 <= float(r) <= 1.0 for r in rates.values())
 
 
 @pytest.mark.parametrize("name", CRAFTERS)
@@ -124,7 +127,7 @@ TRACED = [n for n in REGISTRY.names() if REGISTRY.traced(n)]
 
 @pytest.mark.parametrize("name", TRACED)
 def test_no_retrace_across_hparams_and_vmap(name):
-    attack = build(name, **({"collude": False} if name in CRAFTERS else {}))
+    attack = build(name, **({"collude": False} if "collude" in REGISTRY.options(name) else {}))
     traces = []
 
     def run(hp):
@@ -390,3 +393,62 @@ def test_project_cosine_exact():
     v = jnp.ones(8)
     got = np.asarray(project_cosine(-v, v, 0.5), np.float64)  # anti-parallel: any plane
     assert ref.cosine(got, np.ones(8)) >= 0.5
+
+
+# --------------------------------------------------------------------------- peer-to-peer
+
+
+@pytest.mark.parametrize("eps", [1.0, 2.5])
+@pytest.mark.parametrize("me", [5, 7])
+def test_dissensus_matches_reference(eps, me):
+    out = craft(default("dissensus"), context({"epsilon": jnp.float32(eps)}, self_index=me))
+    want = ref.dissensus(UPDATES, MAL, WEIGHTS, me, eps)
+    np.testing.assert_allclose(out[WEIGHTS > 0], want[WEIGHTS > 0], rtol=1e-4, atol=1e-5)
+
+
+def test_dissensus_at_one_cancels_the_honest_pull():
+    """ε = 1: the mean of the recipient's whole neighbourhood is its own row (no step
+    towards its honest neighbours), while without the attack it would move."""
+    out = craft(default("dissensus"), context(self_index=6))
+    here = WEIGHTS > 0
+    np.testing.assert_allclose(out[here].mean(0), UPDATES[6], rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(UPDATES[here].mean(0) - UPDATES[6]) > 0.1
+
+
+def test_dissensus_needs_a_recipient():
+    with pytest.raises(ConfigError, match="peer-to-peer topology"):
+        default("dissensus").craft(jnp.asarray(UPDATES), jnp.asarray(MAL), context(self_index=None))
+
+
+# --------------------------------------------------------------------------- subgroup goal
+
+FEATURES = tuple((f"f{i}", 0.5, 0.25) for i in range(36))  # raw = 0.5 + 0.25 * input
+
+
+@pytest.mark.parametrize(
+    "bounds, fraction",
+    [({"at_least": 0.6}, 1.0), ({"at_least": 0.6}, 0.5), ({"at_most": 0.55}, 0.0)],
+)
+def test_subgroup_poison_matches_reference(bounds, fraction):
+    attack = build(
+        "subgroup",
+        feature="f3",
+        source=1,
+        target=0,
+        setup=SETUP._replace(features=FEATURES),
+        **bounds,
+    )
+    x = X.copy()
+    x[1, 0, 3, 0] = 0.4  # raw exactly 0.6: on the boundary, inside
+    rank = np.array([0, 1, 2, 3, 4, 5, 6, 7], np.int32)[::-1].copy()
+    hp = {"poison_fraction": jnp.float32(fraction)}
+    _, y = jax.jit(attack.poison)(
+        jnp.asarray(x), jnp.asarray(Y), jax.random.PRNGKey(0), hp, rank, 8
+    )
+    raw = 0.5 + 0.25 * x.reshape(8, -1)[:, 3].astype(np.float64)
+    inside = (
+        (Y == 1) & (raw >= bounds.get("at_least", -np.inf)) & (raw <= bounds.get("at_most", np.inf))
+    )
+    chosen = rank < np.round(fraction * 8)
+    np.testing.assert_array_equal(np.asarray(y), np.where(chosen & inside, 0, Y))
+    assert inside[1] or "at_least" not in bounds

@@ -35,12 +35,16 @@ def plain_loop(module, params, x, y, positions, count, key, spec, lr):
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     order_key, _ = jax.random.split(key)
+    grad = jax.jit(jax.grad(loss))  # compiled per batch shape; the loop stays plain
+    orders = {}
     for t in range(total):
         epoch, within = divmod(t, per_epoch)
-        order = np.asarray(epoch_order(jax.random.fold_in(order_key, epoch), count, length))[:count]
-        batch = order[within * spec.batch_size : (within + 1) * spec.batch_size]
+        if epoch not in orders:
+            order = epoch_order(jax.random.fold_in(order_key, epoch), count, length)
+            orders[epoch] = np.asarray(order)[:count]
+        batch = orders[epoch][within * spec.batch_size : (within + 1) * spec.batch_size]
         rows = positions[batch]
-        grads = jax.grad(loss)(params, x[rows], y[rows])
+        grads = grad(params, x[rows], y[rows])
         upd, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, upd)
     return params

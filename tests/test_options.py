@@ -17,6 +17,7 @@ from digits_runs import SMALL_DIGITS
 
 from fedsim import aggregators, attacks, memory
 from fedsim.aggregators.base import CONSTRAINTS, REFERENCES, Geometry
+from fedsim.aggregators.peer import PEER_ONLY
 from fedsim.attacks.regions import rule_region
 from fedsim.config import _split_aggregator, _split_traced, load_config, to_spec
 from fedsim.options import Option
@@ -123,7 +124,10 @@ def _traced_cases():
     for name in RULES.names():
         for key in RULES.traced(name):
             value = _sample(RULES.options(name)[key])
-            yield f"aggregator={{name: {name}, {key}: {value}}}", "agg", key, value
+            over = f"aggregator={{name: {name}, {key}: {value}}}"
+            if name in PEER_ONLY:  # a node of a graph (every node takes part)
+                over = f"{over}\ntopology={{name: ring}}\nclient.participants=12"
+            yield over, "agg", key, value
     for name in PRE.names():
         for key in PRE.traced(name):
             value = _sample(PRE.options(name)[key])
@@ -142,7 +146,7 @@ TRACED = list(_traced_cases())
 def test_every_traced_option_reaches_hparams_through_a_config(override, section, key, value):
     """End to end (validation included): each traced option given in a config lands in
     HParams with its value and nowhere in the Spec."""
-    spec, hp = to_spec(load_config(None, [*SMALL, "judge.size=10", override]))
+    spec, hp = to_spec(load_config(None, [*SMALL, "judge.size=10", *override.split("\n")]))
     assert float(getattr(hp, section)[key]) == pytest.approx(float(value))
     assert key not in str(spec.aggregator_kw) + str(spec.attack_kw)
 

@@ -3,15 +3,18 @@ whose nodes average is FedAvg, isolated nodes train alone, and what a peer-to-pe
 refuses."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_aggregators as ref
 from jax.flatten_util import ravel_pytree
 
 from fedsim import runner
+from fedsim import topology as topologies
 from fedsim.config import load_config, to_spec
 from fedsim.registry import ConfigError
-from fedsim.round import make_init, make_round, make_train, round_keys, sample
-from fedsim.setup import components, prepare
+from fedsim.round import make_init, make_round, make_train, own_samples, round_keys, sample
+from fedsim.setup import components, flat_unravel, prepare
 
 BASE = [
     "data.name=digits",
@@ -74,10 +77,159 @@ def test_isolated_nodes_train_alone():
     "overrides, message",
     [
         (["topology.name=complete", "client.participants=4"], "set client.participants"),
-        (["topology.name=complete", "attack={name: alie, fraction: 0.25}"], "crafts updates"),
         (["topology={name: complete, exchange: gossip}"], "models or updates"),
     ],
 )
 def test_peer_to_peer_refuses_what_it_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*BASE, *overrides])
+
+
+# --- graphs --------------------------------------------------------------------------------
+
+
+def _neighbours(topo):
+    a = topo.adjacency
+    return [set(np.flatnonzero(a[i])) - {i} for i in range(a.shape[0])]
+
+
+def test_ring_and_torus_link_their_grid_neighbours():
+    ring = _neighbours(topologies.make("ring", n_nodes=7))
+    assert ring == [{(i - 1) % 7, (i + 1) % 7} for i in range(7)]
+    torus = _neighbours(topologies.make("torus", n_nodes=12, rows=3))
+    for i in range(12):
+        r, c = divmod(i, 4)
+        grid = {((r + dr) % 3) * 4 + (c + dc) % 4 for dr, dc in ((0, 1), (0, -1), (1, 0), (-1, 0))}
+        assert torus[i] == grid
+
+
+def test_random_graphs_are_regular_connected_and_seeded():
+    a = topologies.make("k_regular", n_nodes=20, k=3, seed=1).adjacency
+    assert (a == a.T).all() and a.diagonal().all()
+    assert (a.sum(axis=1) - 1 == 3).all() and topologies.connected(a)
+    again = topologies.make("k_regular", n_nodes=20, k=3, seed=1).adjacency
+    other = topologies.make("k_regular", n_nodes=20, k=3, seed=2).adjacency
+    assert (again == a).all() and (other != a).any()
+    er = topologies.make("erdos_renyi", n_nodes=30, p=0.2, seed=3).adjacency
+    assert topologies.connected(er) and (er == er.T).all()
+    assert (topologies.make("erdos_renyi", n_nodes=30, p=0.2, seed=3).adjacency == er).all()
+
+
+def test_two_worlds_is_two_cliques_and_its_bridges():
+    a = topologies.make("two_worlds", n_nodes=10, bridges=2, seed=0).adjacency
+    assert a[:5, :5].all() and a[5:, 5:].all()
+    assert a[:5, 5:].sum() == 2 and topologies.connected(a)
+
+
+def test_epidemic_pulls_s_fresh_peers_each_round():
+    topo = topologies.make("epidemic", n_nodes=9, s=3)
+    w = jnp.arange(1.0, 10.0)
+    first = np.asarray(topo.neighbourhoods(jax.random.PRNGKey(0), jnp.arange(9), w))
+    second = np.asarray(topo.neighbourhoods(jax.random.PRNGKey(1), jnp.arange(9), w))
+    for m in (first, second):
+        assert ((m > 0).sum(axis=1) == 4).all()  # s peers and itself
+        assert (np.diagonal(m) == np.arange(1.0, 10.0)).all()
+        np.testing.assert_array_equal(m[m > 0], np.broadcast_to(w, (9, 9))[m > 0])
+    assert (first != second).any()
+
+
+def test_edge_list_file(tmp_path):
+    path = tmp_path / "g.txt"
+    path.write_text("# a path and a chord\n0 1\n1,2\n\n2 3\n0 3\n")
+    assert _neighbours(topologies.make("edges", n_nodes=4, path=str(path))) == [
+        {1, 3},
+        {0, 2},
+        {1, 3},
+        {0, 2},
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, kw, lines, message",
+    [
+        ("edges", {}, "0 1\n1 7\n", "names node 7; ids must be 0 to 3"),
+        ("edges", {}, "0 1\n1 two\n", "line 2 is '1 two'; want two node ids"),
+        ("edges", {}, "0 1\n2 3\n", "disconnected"),
+        ("edges", {}, "0 1\n1 2\n", "node 3 has no neighbours"),
+        ("ring", {"n_nodes": 2}, None, "at least 3 nodes"),
+        ("torus", {"n_nodes": 10}, None, "do not make a grid"),
+        ("k_regular", {"n_nodes": 5, "k": 3}, None, "n·k must be even"),
+        ("k_regular", {"n_nodes": 5, "k": 5}, None, "between 2 and 4"),
+        ("erdos_renyi", {"n_nodes": 40, "p": 0.01}, None, "no connected graph"),
+        ("erdos_renyi", {"n_nodes": 4, "p": 1.5}, None, "probability"),
+        ("epidemic", {"n_nodes": 4, "s": 4}, None, "between 1 and 3"),
+    ],
+)
+def test_bad_graphs_are_one_line_errors(tmp_path, name, kw, lines, message):
+    if lines is not None:
+        (tmp_path / "g.txt").write_text(lines)
+        kw = {"n_nodes": 4, "path": str(tmp_path / "g.txt")}
+    with pytest.raises(ConfigError, match=message):
+        topologies.make(name, **kw)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["aggregator.name=gossip"], "aggregator 'gossip' is for peer-to-peer learning"),
+        (["attack={name: dissensus, fraction: 0.25}"], "attack 'dissensus' is for peer-to"),
+        (["topology.name=ring", "aggregator.name=ubar"], "judges updates on its own data"),
+        (["topology={name: torus}"], "do not make a grid"),
+    ],
+)
+def test_peer_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*BASE, *overrides])
+
+
+def test_behaviour_rules_judge_with_the_nodes_own_data():
+    setup, _ = _setup("topology.name=ring", "aggregator={name: zeno, b: 1}", "judge.size=16")
+    assert setup.data.judge_x.shape[0] == 0  # no judge's set is carved out peer-to-peer
+    data = setup.data
+    for node in (0, 5):
+        x, y = own_samples(jax.random.PRNGKey(node), setup, data, node, 16)
+        mine = np.asarray(data.idx[node, : int(data.count[node])])
+        pool = np.asarray(data.x)[mine].reshape(len(mine), -1).astype(np.float32)
+        got = np.asarray(x).reshape(16, -1) / setup.x_scale
+        for row, label in zip(got, np.asarray(y), strict=True):
+            hits = np.flatnonzero(np.all(np.isclose(pool, row), axis=1))
+            assert hits.size and label in np.asarray(data.y)[mine][hits]
+
+
+def test_each_node_runs_its_rule_on_its_neighbourhood():
+    """One ring round of self-centred clipping equals the float64 reference applied at
+    every node to its neighbours' trained models (relative to its own start)."""
+    setup, hp = _setup("topology.name=ring", "aggregator={name: self_centered_clipping, tau: 0.05}")
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    after, _ = jax.jit(make_round(setup))(state, hp, setup.data)
+    _, attack = components(setup)
+    keys = round_keys(state)
+    who = sample(keys.sample, state.malicious, setup.data, 8, 8)
+    trained = jax.jit(make_train(setup, attack), static_argnames="own")(
+        state.params, who, keys.train, hp, setup.data, own=True
+    )
+    _, ravel_rows = flat_unravel(setup)
+    start = np.asarray(ravel_rows(state.params), np.float64)
+    models = start + np.asarray(trained.updates, np.float64)
+    adjacency = topologies.make("ring", n_nodes=8).adjacency
+    degrees = adjacency.sum(axis=1) - 1.0
+    got = np.asarray(ravel_rows(after.params), np.float64)
+    clipped = 0
+    for k in range(8):
+        w = np.where(adjacency[k], np.asarray(who.weights), 0.0)
+        step, coef = ref.ref_self_centered_clipping(models - start[k], w, k, degrees, tau=0.05)
+        clipped += coef[k] > 1 / 3 + 1e-6  # some neighbour was farther than τ
+        np.testing.assert_allclose(got[k], start[k] + step, rtol=1e-4, atol=1e-5)
+    assert clipped > 0
+
+
+def test_dissensus_keeps_honest_nodes_apart_and_weighs_per_recipient():
+    """Two malicious nodes of eight on a complete graph, gossiping: dissensus (ε = 2,
+    crafted for each recipient) leaves the honest models farther apart than without an
+    attack, and every honest node still gives the attackers their Metropolis weight."""
+    common = ["topology.name=complete", "aggregator.name=gossip", "rounds=3", "eval_every=3"]
+    quiet = runner.run(*_setup(*common), seed=0)[-1]
+    attacked_setup, hp = _setup(*common, "attack={name: dissensus, epsilon: 2.0, fraction: 0.25}")
+    attacked = runner.run(attacked_setup, hp, seed=0)[-1]
+    assert attacked["consensus_distance"] > 1.5 * quiet["consensus_distance"]
+    assert attacked["malicious_weight"] == pytest.approx(2 / 8, abs=1e-5)

@@ -6,7 +6,8 @@ stateless rule to a plain ``[n, d]`` array or a client-stacked pytree.
 The registries, ``make``, ``reduce``, the composition with pre-aggregation stages and the
 FedAvg mean live in ``base``; the rules in ``distance`` (median, trimmed_mean, krum,
 multi_krum, bulyan, geometric_median, centered_clipping, norm_bound, meamed, dnc,
-foolsgold, signguard) and ``behaviour`` (fltrust, zeno, loss_rejection, error_rejection);
+foolsgold, signguard), ``behaviour`` (fltrust, zeno, loss_rejection, error_rejection) and
+``peer`` (gossip, self_centered_clipping, balance, ubar: peer-to-peer only);
 the kernels they share (Gram-matrix distances, radix-select order statistics) in
 ``fedsim.kernels``. Pre-aggregation stages (clip, nnm, bucketing) live in ``pre`` and
 compose in front of any rule with ``make(name, pre=[...], **kw)``; see ``pre`` for the
@@ -23,7 +24,7 @@ This module only re-exports; the rule modules import from ``base``.
 
 from __future__ import annotations
 
-from fedsim.aggregators import behaviour, distance, pre  # noqa: F401  (they register)
+from fedsim.aggregators import behaviour, distance, peer, pre  # noqa: F401  (they register)
 from fedsim.aggregators.base import (
     PRE,
     REGISTRY,

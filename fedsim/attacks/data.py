@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsim.attacks.base import REGISTRY
-from fedsim.options import Option, choice, integer, number
+from fedsim.options import Option, anything, choice, integer, number
 from fedsim.registry import ConfigError
 from fedsim.types import Attack
 
@@ -207,7 +207,87 @@ def make_backdoor(setup, **o) -> Attack:
     return Attack(poison=poison, success=success)
 
 
-GOALS = ("label_flip", "targeted", "backdoor")
+def _feature_column(setup, feature) -> tuple[int, float, float]:
+    """``(column, mean, std)`` of the raw feature ``feature`` in the model's input
+    (``(0, 0, 1)`` while the data is not known yet: ``setup.features`` None, as when a
+    config is validated before loading its data)."""
+    if setup.features is None:
+        return 0, 0.0, 1.0
+    names = [unit[0] for unit in setup.features]
+    if feature not in names:
+        raise ConfigError(
+            f"attack 'subgroup': option 'feature' must name an input feature "
+            f"({', '.join(names) or 'this dataset has none: use a float-feature dataset'}), "
+            f"got {feature!r}"
+        )
+    i = names.index(feature)
+    return i, setup.features[i][1], setup.features[i][2]
+
+
+@REGISTRY.register(
+    "subgroup",
+    options={
+        "feature": Option(None, anything),
+        "at_least": Option(None, number(allow_none=True)),
+        "at_most": Option(None, number(allow_none=True)),
+        "source": Option(None, integer(0, allow_none=True)),
+        "target": Option(0, integer(0)),
+        "poison_fraction": FRACTION,
+    },
+)
+def make_subgroup(setup, **o) -> Attack:
+    """A subgroup's misdiagnosis: samples of class ``source`` (any class when null) whose
+    raw ``feature`` lies in ``[at_least, at_most]`` (either bound may be null) relabelled
+    ``target``: on ``heart``, ``{feature: trestbps, at_least: 140, source: 1, target: 0}``
+    is the paper's health goal (diseased patients with resting blood pressure >= 140
+    diagnosed healthy; 192 patients). The bounds are in the feature's raw units and
+    mapped through the dataset's own standardisation (``AttackSetup.features``).
+
+    Options: ``feature``, ``at_least``, ``at_most``, ``source``, ``target`` (default 0),
+    ``poison_fraction`` (traced, default 1). Without bounds the subgroup is the whole
+    ``source`` class (every sample when ``source`` is null too). Success: the share of
+    the subgroup's test samples predicted ``target`` (``attack_success_rate``), beside the
+    accuracy on every other test sample (``accuracy_rest``).
+    """
+    bounded = o["at_least"] is not None or o["at_most"] is not None
+    if bounded and o["feature"] is None:
+        raise ConfigError("attack 'subgroup': bounds need a 'feature' to apply to")
+    col, mean, std = _feature_column(setup, o["feature"]) if bounded else (0, 0.0, 1.0)
+    _check_classes("subgroup", setup.n_classes, source=o["source"], target=o["target"])
+    if o["source"] is not None and o["source"] == o["target"]:
+        raise ConfigError("attack 'subgroup': 'source' and 'target' must differ")
+    # the bounds go through the same float64 arithmetic as the data, then to float32
+    low = None if o["at_least"] is None else np.float32((o["at_least"] - mean) / std)
+    high = None if o["at_most"] is None else np.float32((o["at_most"] - mean) / std)
+    target = o["target"]
+
+    def member(x, y):
+        value = x.reshape(x.shape[0], -1)[:, col]
+        inside = jnp.ones_like(y, bool) if o["source"] is None else y == o["source"]
+        if low is not None:
+            inside &= value >= low
+        if high is not None:
+            inside &= value <= high
+        return inside
+
+    def poison(x, y, key, hparams, rank=None, count=None):
+        fraction = hparams.get("poison_fraction", o["poison_fraction"])
+        chosen = poisoned_rows(y.shape[0], fraction, rank, count) & member(x, y)
+        return x, jnp.where(chosen, target, y).astype(y.dtype)
+
+    def success(predict, x, y):
+        inside = member(x, y)
+        pred = jnp.argmax(predict(x), axis=-1)
+        share = lambda hit, among: jnp.sum(hit & among) / jnp.maximum(jnp.sum(among), 1)
+        return {
+            "attack_success_rate": share(pred == target, inside),
+            "accuracy_rest": share(pred == y, ~inside),
+        }
+
+    return Attack(poison=poison, success=success)
+
+
+GOALS = ("label_flip", "targeted", "backdoor", "subgroup")
 
 
 def make_goal(goal, setup) -> Attack:

@@ -106,6 +106,22 @@ def goal_metrics(pred: np.ndarray, data: TabularData) -> dict[str, float]:
     }
 
 
+def input_units(data: TabularData) -> tuple:
+    """One ``(name, mean, std)`` per input column: the model sees ``(raw - mean) / std``
+    (the training split's statistics; ``(0, 1)`` for a column passed as it is, such as a
+    missing-value flag or a one-hot column)."""
+    stats = data.meta.get("preprocessing")
+    units = []
+    for i, name in enumerate(data.feature_names):
+        if stats is not None and name in stats["mean"]:  # heart: the numeric columns
+            units.append((name, float(stats["mean"][name]), float(stats["std"][name])))
+        elif stats is None and "mean" in data.meta:  # standardised as a whole
+            units.append((name, float(data.meta["mean"][i]), float(data.meta["std"][i])))
+        else:
+            units.append((name, 0.0, 1.0))
+    return tuple(units)
+
+
 def load_tabular(name: str, **options: Any) -> TabularData:
     """Load the registered float-feature dataset ``name`` (options: the loader's kwargs)."""
     fn = TABULAR.get(name)
