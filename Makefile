@@ -33,10 +33,10 @@ run: $(STAMP)
 
 # Tests run in one process per core (pytest-xdist): most of their time is compiling.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto $(ARGS)
+	$(PY) -m pytest -q -n auto --dist worksteal $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n auto -m slow $(ARGS)
+	$(PY) -m pytest -q -n auto --dist worksteal -m slow $(ARGS)
 
 bench: $(BENCH_STAMP)
 	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py; do \

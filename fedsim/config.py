@@ -403,6 +403,13 @@ def _check_rows(cfg: dict, name: str, kw: dict) -> None:
     n, n_clients = cfg["client"]["participants"], cfg["data"]["n_clients"]
     judge = cfg["judge"]["size"] > 0
     peer = _peer_to_peer(cfg)
+    rows = "client.participants"
+    if peer:  # a node's rule sees its neighbourhood: K gathered rows on a sparse graph
+        topo_name, topo_kw = _component_kw(cfg["topology"], "topology")
+        topo = topologies.make(topo_name, n_nodes=n_clients, **topo_kw)
+        if topo.gather is not None:
+            n = int(topo.gather(jax.random.PRNGKey(0))[0].shape[1])
+            rows = f"the largest neighbourhood of topology {topo_name!r}, itself included"
     frozen = freeze(kw)
     try:
         _abstract_aggregate(name, frozen, n, n_clients, judge, peer)
@@ -420,9 +427,8 @@ def _check_rows(cfg: dict, name: str, kw: dict) -> None:
                     else "data the server holds: set judge.size > 0 (e.g. judge.size=100)"
                 )
                 raise ConfigError(f"aggregator {name!r} judges updates on {whose}") from None
-        rows = "client.participants"
         if kw.get("pre"):
-            rows = f"the rows its pre stages make of client.participants={n}"
+            rows = f"the rows its pre stages make of {rows} ({n})"
         raise ConfigError(f"{_prefixed('aggregator', name, err)}; n is {rows}") from None
 
 

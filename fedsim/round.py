@@ -416,8 +416,9 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     node k's neighbourhood are crafted against node k (its model, its neighbourhood, its
     rule; ``AttackContext.self_index`` = k), after the adversary's goal samples are
     drawn once for the round.
-    Neighbourhoods here are dense ``[n, n]`` weights (every rule sees all rows, weight 0
-    for non-neighbours). Metrics are the honest nodes' means."""
+    Sparse graphs (``topology.gather``) hand each node's rule its K neighbourhood rows,
+    gathered (``[n, K, d]`` in all, itself first); dense ones all n rows with weight 0
+    for non-neighbours. Metrics are the honest nodes' means over their neighbourhoods."""
     spec = setup.spec
     _, ravel_rows = flat_unravel(setup)
     nodes = jnp.arange(spec.n_clients)
@@ -429,45 +430,59 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
         who = sample(keys.sample, state.malicious, data, spec.n_clients, spec.n_clients)
         own = ravel_rows(state.params)  # [n, d]: the nodes' models
         trained = train(state.params, who, keys.train, hparams, data, own=True)
-        neighbourhoods = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)
-        degrees = jnp.sum(neighbourhoods > 0, axis=1).astype(jnp.float32) - 1.0
-        node_keys = jax.random.split(keys.aggregate, spec.n_clients)
-        attack_keys = jax.random.split(keys.attack, spec.n_clients)
+        n = spec.n_clients
+        if topo.gather is not None:  # sparse: each node's K neighbourhood rows, itself first
+            index, valid = topo.gather(keys.aggregate)
+            weights = jnp.where(valid, who.weights[index], 0.0)
+            me, index_axis = jnp.zeros(n, jnp.int32), 0
+        else:  # dense: every node's rule over all n rows, weight 0 for non-neighbours
+            weights = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)
+            valid = weights > 0
+            index, me, index_axis = jnp.arange(n), nodes, None
+        degrees = jnp.sum(valid, axis=1).astype(jnp.float32) - 1.0  # [n]
+        node_keys = jax.random.split(keys.aggregate, n)
+        attack_keys = jax.random.split(keys.attack, n)
         models = topo.exchange == "models"
         sent = own + trained.updates if models else trained.updates  # [n, d], shared
         benign = trained.benign
 
-        def craft_for(k, rows, weights, flat, previous, key):
-            """Node k's neighbourhood rows, the malicious ones crafted against it."""
+        def craft_for(me, idx, local, rows, flat, previous, key):
+            """Node's neighbourhood rows, the malicious ones crafted against it."""
             if attack.craft is None:
                 return rows
-            mine = own + benign - flat if benign is not None and models else benign
-            ctx = context(key, hparams, data, who, flat, mine, previous, weights, self_index=k)
-            return attack.craft(rows, who.is_malicious, ctx)
+            mine = None if benign is None else benign[idx]
+            if mine is not None and models:
+                mine = own[idx] + mine - flat
+            ctx = context(
+                key, hparams, data, local, flat, mine, previous, local.weights, self_index=me
+            )
+            return attack.craft(rows, local.is_malicious, ctx)
 
-        def node(k, weights, agg_state, flat, previous, key, k_attack):
+        def node(k, me, idx, w, agg_state, flat, previous, key, k_attack):
             k_rule, k_judge = jax.random.split(key)
+            local = Participants(who.clients[idx], who.count[idx], w, who.is_malicious[idx])
             judge = (None, None)
             if spec.judge_size:
                 judge = own_samples(k_judge, setup, data, k, spec.judge_size)
-            view = PeerView(k, degrees, *judge)
-            rows = craft_for(k, sent - flat if models else sent, weights, flat, previous, k_attack)
-            args = (who.clients, agg_state, k_rule, hparams, data, flat, view)
-            out = aggregate(rows, weights, *args)
+            view = PeerView(me, degrees[idx], *judge)
+            rows = sent[idx] - flat if models else sent[idx]
+            rows = craft_for(me, idx, local, rows, flat, previous, k_attack)
+            args = (local.clients, agg_state, k_rule, hparams, data, flat, view)
+            out = aggregate(rows, w, *args)
             # each group's distance to what the node accepted, as the node received them
-            return out, distances_to(out.delta, rows, weights > 0, who.is_malicious)
+            return out, distances_to(out.delta, rows, w > 0, local.is_malicious), local
 
-        per_node = (nodes, neighbourhoods, state.agg_state, own, state.previous_aggregate)
-        out, distances = jax.vmap(node)(*per_node, node_keys, attack_keys)
+        axes = (0, 0, index_axis, 0, 0, 0, 0, 0, 0)
+        per_node = (nodes, me, index, weights, state.agg_state, own, state.previous_aggregate)
+        out, distances, local = jax.vmap(node, in_axes=axes)(*per_node, node_keys, attack_keys)
         steps = out.delta
         params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
             state.params, state.server_opt_state, steps, hparams
         )
         # per node, over its neighbourhood: who is present is who it hears from
-        heard = who._replace(weights=neighbourhoods)
-        per_node = jax.vmap(
-            round_metrics, in_axes=(0, None, 0, 0, 0, Participants(None, None, 0, None))
-        )(out.info.weight, None, steps, distances, params, heard)
+        per_node = jax.vmap(round_metrics, in_axes=(0, None, 0, 0, 0, 0))(
+            out.info.weight, None, steps, distances, params, local
+        )
         honest = ~who.is_malicious
         metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
         return advanced(state, params, opt_state, out.agg_state, steps), metrics

@@ -46,13 +46,17 @@ class Topology(NamedTuple):
     the weights each model's rule gives the round's rows. exchange: what peers send
     (``models`` or ``updates``; the star's server always receives updates). adjacency:
     the fixed graph (bool ``[n, n]``, self-loops included) or None (star; a graph drawn
-    every round)."""
+    every round). gather: for sparse graphs, ``gather(key) -> (index [n, K] int32, valid
+    [n, K] bool)``, each node's neighbourhood as K row ids, itself first, padded with
+    itself (invalid): its rule then runs on those K rows instead of all n (None: the
+    dense weights)."""
 
     name: str
     n_models: int
     neighbourhoods: Callable
     exchange: str = "updates"
     adjacency: np.ndarray | None = None
+    gather: Callable | None = None
 
 
 PER_CLIENT = 0  # n_models of peer-to-peer topologies: one model per client
@@ -100,7 +104,33 @@ def _graph(name: str, adjacency: np.ndarray, exchange: str) -> Topology:
         raise ConfigError(f"topology {name!r}: the graph is disconnected; it must be connected")
     mask = jnp.asarray(adjacency)
     neighbourhoods = lambda key, clients, w: jnp.where(mask[clients][:, clients], w[None, :], 0)
-    return Topology(name, PER_CLIENT, neighbourhoods, exchange, adjacency)
+    width = int(adjacency.sum(axis=1).max())
+    gather = None
+    if width <= adjacency.shape[0] // 2:  # sparse: K = max degree + 1 rows per node
+        index, valid = neighbour_lists(adjacency)
+        gather = lambda key: (jnp.asarray(index), jnp.asarray(valid))
+    return Topology(name, PER_CLIENT, neighbourhoods, exchange, adjacency, gather)
+
+
+def neighbour_lists(adjacency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index [n, K] int32, valid [n, K] bool)``: each node first, then its neighbours
+    in order, padded with the node itself (not valid); K = the largest degree + 1."""
+    n = adjacency.shape[0]
+    width = int(adjacency.sum(axis=1).max())
+    index = np.tile(np.arange(n, dtype=np.int32)[:, None], (1, width))
+    valid = np.zeros((n, width), bool)
+    for i in range(n):
+        others = np.flatnonzero(adjacency[i] & (np.arange(n) != i))
+        index[i, 1 : 1 + others.size] = others
+        valid[i, : 1 + others.size] = True
+    return index, valid
+
+
+def dense(topology: Topology) -> Topology:
+    """The same topology with every node's rule over all n rows (weights 0 for
+    non-neighbours) instead of gathered neighbourhoods: the reference the gathered form
+    is tested against."""
+    return topology._replace(gather=None)
 
 
 def _undirected(n: int, ends, others) -> np.ndarray:
@@ -271,15 +301,23 @@ def make_epidemic(n_nodes: int = 2, s: int = 1, exchange: str = "models") -> Top
     s = _int_option("s", s, 1, n_nodes - 1)
     _check_exchange(exchange)
 
+    def peers(key):  # [n, s]: the peers each node pulls from this round
+        scores = jax.random.uniform(key, (n_nodes, n_nodes))
+        return jax.lax.top_k(jnp.where(jnp.eye(n_nodes, dtype=bool), -1.0, scores), s)[1]
+
     def neighbourhoods(key, clients, w):
         m = clients.shape[0]
-        scores = jax.random.uniform(key, (m, m))
-        scores = jnp.where(jnp.eye(m, dtype=bool), -1.0, scores)
-        _, peers = jax.lax.top_k(scores, s)
-        pulled = jnp.zeros((m, m), bool).at[jnp.arange(m)[:, None], peers].set(True)
+        pulled = jnp.zeros((m, m), bool).at[jnp.arange(m)[:, None], peers(key)].set(True)
         return jnp.where(pulled | jnp.eye(m, dtype=bool), w[None, :], 0)
 
-    return Topology("epidemic", PER_CLIENT, neighbourhoods, exchange)
+    def gather(key):
+        index = jnp.concatenate([jnp.arange(n_nodes)[:, None], peers(key)], axis=1)
+        return index.astype(jnp.int32), jnp.ones((n_nodes, s + 1), bool)
+
+    sparse = s + 1 <= n_nodes // 2
+    return Topology(
+        "epidemic", PER_CLIENT, neighbourhoods, exchange, None, gather if sparse else None
+    )
 
 
 def make(name: str, n_nodes: int | None = None, **kw) -> Topology:

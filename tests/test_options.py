@@ -18,6 +18,7 @@ from digits_runs import SMALL_DIGITS
 from fedsim import aggregators, attacks, memory
 from fedsim.aggregators.base import CONSTRAINTS, REFERENCES, Geometry
 from fedsim.aggregators.peer import PEER_ONLY
+from fedsim.attacks.peer import PEER_ONLY as PEER_ATTACKS
 from fedsim.attacks.regions import rule_region
 from fedsim.config import _split_aggregator, _split_traced, load_config, to_spec
 from fedsim.options import Option
@@ -136,7 +137,10 @@ def _traced_cases():
     for name in ATTACKS.names():
         for key in ATTACKS.traced(name):
             value = _sample(ATTACKS.options(name)[key])
-            yield f"attack={{name: {name}, {key}: {value}}}", "attack", key, value
+            over = f"attack={{name: {name}, {key}: {value}}}"
+            if name in PEER_ATTACKS:
+                over = f"{over}\ntopology={{name: ring}}\nclient.participants=12"
+            yield over, "attack", key, value
 
 
 TRACED = list(_traced_cases())

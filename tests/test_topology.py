@@ -233,3 +233,44 @@ def test_dissensus_keeps_honest_nodes_apart_and_weighs_per_recipient():
     attacked = runner.run(attacked_setup, hp, seed=0)[-1]
     assert attacked["consensus_distance"] > 1.5 * quiet["consensus_distance"]
     assert attacked["malicious_weight"] == pytest.approx(2 / 8, abs=1e-5)
+
+
+def test_neighbour_lists_hold_exactly_the_graph():
+    a = topologies.make("k_regular", n_nodes=12, k=3, seed=4).adjacency
+    index, valid = topologies.neighbour_lists(a)
+    assert index.shape == (12, 4) and (index[:, 0] == np.arange(12)).all()
+    rebuilt = np.zeros_like(a)
+    for i in range(12):
+        rebuilt[i, index[i][valid[i]]] = True
+    assert (rebuilt == a).all()
+    assert topologies.make("ring", n_nodes=8).gather is not None  # 3 of 8 rows: gathered
+    assert topologies.make("complete", n_nodes=8).gather is None
+
+
+def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
+    """A 4 x 4 torus round (median at every node, an ALIE adversary crafting per
+    recipient) gives the same models whether each node's rule gets its 5 gathered rows or
+    all 16 rows with weight 0 for non-neighbours."""
+    import fedsim.round as rounds
+
+    over = [
+        "data.n_clients=16",
+        "client.participants=16",
+        "topology.name=torus",
+        "aggregator.name=median",
+        "attack={name: alie, fraction: 0.25}",
+    ]
+    setup, hp = _setup(*over)
+    assert rounds.topology_of(setup.spec).gather is not None
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    gathered, m_gathered = jax.jit(make_round(setup))(state, hp, setup.data)
+    dense_of = lambda spec: topologies.dense(topologies.make("torus", n_nodes=16))
+    monkeypatch.setattr(rounds, "topology_of", dense_of)
+    dense, m_dense = jax.jit(make_round(setup))(state, hp, setup.data)
+    for got, want in zip(
+        jax.tree.leaves(gathered.params), jax.tree.leaves(dense.params), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(m_gathered, m_dense, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(m_dense.malicious_weight) > 0
