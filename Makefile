@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist worksteal -m slow $(ARGS)
 
 bench: $(BENCH_STAMP)
-	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py; do \
+	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py bench/peer.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b $(ARGS) || exit 1; fi; \
 	done
 

@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--quiet", action="store_true", help="no progress line")
     sub.add_parser("list", help="list every registered component")
+    topo = sub.add_parser("topology", help="draw the peer-to-peer topologies (a PNG gallery)")
+    topo.add_argument("--nodes", type=int, default=16, help="nodes per graph (default 16)")
+    topo.add_argument("--out", default="topologies.png", help="PNG file (default topologies.png)")
     return parser
 
 
@@ -373,6 +376,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_topology(args) -> int:
+    from fedsim.report.graphs import draw_gallery
+
+    out = Path(args.out)
+    if args.nodes < 16 or args.nodes % 4:
+        raise ConfigError(
+            f"--nodes must be a multiple of 4, at least 16 (a 4-row torus), got {args.nodes}"
+        )
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ConfigError(f"--out must name a .png file, got {str(out)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_gallery(out, args.nodes)
+    print(f"topology gallery -> {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = _parser()
     try:
@@ -391,6 +410,8 @@ def main(argv=None) -> int:
             return cmd_sweep(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "topology":
+            return cmd_topology(args)
     except ConfigError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2

@@ -841,3 +841,59 @@ def test_row_sq_norms_count_each_column_once(monkeypatch, entries):
     assert got[0] == 0.0
     np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-5)
     assert np.isnan(got[3]) and got[4] == np.inf
+
+
+# --- peer-to-peer ---------------------------------------------------------------------------
+
+
+def test_self_centered_clipping_without_a_radius_is_gossip():
+    x, w = _data(11, 6, 31)
+    env = _env(6)
+    out, weight = _run("self_centered_clipping", x, w, 0, env, {"tau": jnp.float32(1e30)})
+    gossip, gossip_weight = _run("gossip", x, w, 0, env)
+    _close(out, gossip)
+    _close(weight, gossip_weight)
+
+
+@pytest.mark.parametrize("graph, kw", [("ring", {}), ("k_regular", {"k": 4, "seed": 1})])
+def test_gossip_mixes_at_the_spectral_gap_rate(graph, kw):
+    """Gossip rounds, every node running the rule on its own neighbourhood, shrink the
+    distance to consensus by the Metropolis matrix's second eigenvalue per round."""
+    from fedsim import topology as topologies
+
+    n = 16
+    adjacency = topologies.make(graph, n_nodes=n, **kw).adjacency
+    agg = make("gossip")
+    degrees = jnp.asarray(adjacency.sum(axis=1) - 1.0, jnp.float32)
+    links = jnp.asarray(adjacency, jnp.float32)
+
+    @jax.jit
+    def mix(x):
+        def node(k):
+            ctx = AggContext(jnp.zeros(1), KEY, {}, self_index=k, degrees=degrees)
+            return agg.aggregate(x, links[k], (), ctx)[0]
+
+        return jax.vmap(node)(jnp.arange(n))
+
+    W = np.stack(
+        [
+            ref.metropolis(np.zeros((n, 1)), adjacency[k] * 1.0, k, adjacency.sum(1) - 1.0)
+            for k in range(n)
+        ]
+    )
+    values, vectors = np.linalg.eigh(W)
+    order = np.argsort(-np.abs(values))
+    second, slowest = abs(values[order[1]]), vectors[:, order[1]]
+
+    def ratios(start, steps):
+        x, spread = jnp.asarray(start[:, None], jnp.float32), []
+        for _ in range(steps):
+            spread.append(float(jnp.linalg.norm(x - x.mean())))
+            x = mix(x)
+        return np.array(spread[1:]) / np.array(spread[:-1]), spread
+
+    generic, spread = ratios(np.random.default_rng(5).standard_normal(n), 25)
+    above_noise = np.array(spread[1:]) > 1e-3 * spread[0]
+    assert np.all(generic[above_noise] <= second + 1e-4)  # never slower than the gap
+    along, _ = ratios(slowest, 10)  # the slowest mode shrinks by exactly that factor
+    np.testing.assert_allclose(along, second, rtol=1e-3)

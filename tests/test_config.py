@@ -1,6 +1,8 @@
 """Config reading and validation: YAML as people write it, checks that used to be missed,
 and traced options of pre-aggregation stages (a new clip_norm does not recompile)."""
 
+from pathlib import Path
+
 import pytest
 from digits_runs import SMALL_DIGITS
 
@@ -9,7 +11,7 @@ from fedsim.config import dump, load_config, parse_override, parse_yaml, to_spec
 from fedsim.registry import ConfigError
 from fedsim.round import TRACE_COUNT
 from fedsim.setup import prepare
-from fedsim.sweep import expand, group_runs
+from fedsim.sweep import expand, group_runs, load_sweep
 
 SMALL = [*SMALL_DIGITS, "client.participants=6", "rounds=2", "eval_every=2"]
 
@@ -179,3 +181,16 @@ def test_a_renamed_nested_component_replaces_the_old_one():
         ],
     )  # no name: the same goal, its options merged
     assert cfg["attack"]["goal"] == {"name": "targeted", "source": 1, "target": 3}
+
+
+CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p) for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    """Each config and sweep the project ships passes validation as written (every sweep
+    point too), so an example in the README never fails on its first line."""
+    if path.parent.name == "sweeps":
+        assert load_sweep(path).runs
+    else:
+        assert load_config(str(path), [])["rounds"] >= 1

@@ -30,7 +30,13 @@ TIGHTEN = [
         "honest_accepted",
         marks=pytest.mark.slow,
     ),
-    ("centered_clipping", ["aggregator.tau=10.0"], ["aggregator.tau=0.1"], "honest_weight"),
+    pytest.param(
+        "centered_clipping",
+        ["aggregator.tau=10.0"],
+        ["aggregator.tau=0.1"],
+        "honest_weight",
+        marks=pytest.mark.slow,
+    ),
     ("norm_bound", ["aggregator.max_norm=10.0"], ["aggregator.max_norm=0.1"], "honest_weight"),
 ]
 

@@ -168,6 +168,7 @@ def test_report_merges_shard_folders(sharded, tmp_path):
     assert main(["report", str(tmp_path / "empty")]) == 2
 
 
+@pytest.mark.slow  # a real subprocess killed mid-sweep; resuming is in make test too
 def test_kill_dash_9_loses_no_finished_run(tmp_path):
     doc = {
         "base": {**BASE, "rounds": 240, "eval_every": 80},

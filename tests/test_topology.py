@@ -274,3 +274,56 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     for got, want in zip(m_gathered, m_dense, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert float(m_dense.malicious_weight) > 0
+
+
+def _node_accuracies(rule, rounds=15):
+    """Each node's test accuracy after ``rounds`` ring rounds with ``rule``, one node
+    sign-flipping (scale 3) for every recipient; and that node's index."""
+    over = [
+        "data.n_clients=12",
+        "client.participants=12",
+        "topology.name=ring",
+        f"aggregator={rule}",
+        "attack={name: sign_flip, scale: 3.0, fraction: 0.0834}",
+    ]
+    setup, hp = _setup(*over)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    step = jax.jit(make_round(setup))
+    for _ in range(rounds):
+        state, _ = step(state, hp, setup.data)
+    x = setup.data.x_test
+    logits = jax.vmap(lambda p: setup.module.apply({"params": p}, x))(state.params)
+    accuracy = np.asarray(jnp.mean(jnp.argmax(logits, -1) == setup.data.y_test, axis=1))
+    (bad,) = np.flatnonzero(np.asarray(state.malicious))
+    return accuracy, int(bad)
+
+
+@pytest.mark.slow
+def test_a_sign_flipper_hurts_its_ring_neighbours_most_and_clipping_contains_it():
+    """Gossip on a ring of 12 with one node sending each neighbour its flipped model:
+    its two neighbours end below the nodes three or more hops away; self-centred
+    clipping around each node's own model keeps the neighbours level with them."""
+    results = {}
+    for rule in ("{name: gossip}", "{name: self_centered_clipping, tau: 0.1}"):
+        accuracy, bad = _node_accuracies(rule)
+        hops = np.array([min(abs(i - bad), 12 - abs(i - bad)) for i in range(12)])
+        results[rule] = (accuracy[hops == 1].mean(), accuracy[hops >= 3].mean())
+    near, far = results["{name: gossip}"]
+    clipped_near, clipped_far = results["{name: self_centered_clipping, tau: 0.1}"]
+    assert near < far - 0.05
+    assert clipped_near > near + 0.05 and clipped_near > clipped_far - 0.05
+
+
+def test_topology_gallery_draws_every_graph_and_refuses_bad_sizes(tmp_path, capsys):
+    from fedsim.cli import main
+    from fedsim.report.graphs import GALLERY, edges_of, gallery_figure
+
+    fig = gallery_figure(16)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == len(GALLERY) and all("16 nodes" in t for t in titles)
+    assert "16 edges" in titles[0] and "32 pulls" in titles[-1]
+    assert edges_of("epidemic", 16, {"s": 2}).sum(axis=1).tolist() == [2] * 16
+    out = tmp_path / "g.png"
+    assert main(["topology", "--out", str(out)]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["topology", "--nodes", "10", "--out", str(tmp_path / "h.png")]) == 2
+    assert "multiple of 4" in capsys.readouterr().err and not (tmp_path / "h.png").exists()
