@@ -93,13 +93,19 @@ def main(argv=None) -> None:
             row["dense_over_gathered"] = dense / gathered
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+            write(args.out, results)
         for n in args.large:
             setup, hp = make_setup(n, graph)
             row = {"graph": graph, "nodes": n, "gathered_s": seconds_per_round(setup, hp, False)}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            write(args.out, results)
+
+
+def write(path: str, results: dict) -> None:
+    """Write the rows so far (a long bench that is stopped keeps what it measured)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

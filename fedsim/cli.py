@@ -239,14 +239,44 @@ def _put_back(out: Path, moved: list[str]) -> None:
         (out / PREVIOUS).rmdir()
 
 
-def _baseline_accuracy(cfg: dict) -> dict:
-    """``{round: test_accuracy}`` of the config's baseline run (empty without one)."""
+def _baseline_records(cfg: dict) -> tuple[dict, bool]:
+    """``({round: record}, alone)`` of the config's baseline run (empty without one);
+    ``alone``: the baseline trained every client alone (``topology: isolated``), so the
+    difference is the collaboration gain."""
     if cfg.get("baseline") is None:
-        return {}
+        return {}, False
+    import yaml
+
     from fedsim.io import read_jsonl
 
-    records = read_jsonl(Path(cfg["baseline"]) / "metrics.jsonl")
-    return {r["round"]: r["test_accuracy"] for r in records if r.get("test_accuracy") is not None}
+    folder = Path(cfg["baseline"])
+    records = read_jsonl(folder / "metrics.jsonl")
+    config = folder / "config.yaml"
+    alone = (
+        config.is_file()
+        and (yaml.safe_load(config.read_text()) or {}).get("topology", {}).get("name") == "isolated"
+    )
+    return {r["round"]: r for r in records}, alone
+
+
+def compare_with_baseline(record: dict, base: dict, alone: bool) -> dict:
+    """The metrics a baseline evaluation of the same round adds: ``accuracy_drop`` (the
+    baseline's accuracy minus this run's); against a local-only baseline also
+    ``collaboration_gain`` (this run's minus the clients' alone) and, per group (each
+    hospital), ``group<g>_collaboration_gain``: the group's own test accuracy with the
+    federation minus its honest clients' alone."""
+    out = {}
+    acc, base_acc = record.get("test_accuracy"), base.get("test_accuracy")
+    if acc is None or base_acc is None:
+        return out
+    out["accuracy_drop"] = base_acc - acc
+    if alone:
+        out["collaboration_gain"] = acc - base_acc
+        for key, value in record.items():
+            if key.startswith("group") and key.endswith("_test_accuracy") and key in base:
+                group = key.removesuffix("_test_accuracy")
+                out[f"{group}_collaboration_gain"] = value - base[key]
+    return out
 
 
 def cmd_run(args) -> int:
@@ -311,15 +341,14 @@ def _simulate(setup, hparams, cfg, metrics_path, args):
     bar = tqdm(total=spec.rounds, unit="round", disable=args.quiet, file=sys.stderr)
     last = {"round": 0, "seconds": 0.0}
 
-    baseline = _baseline_accuracy(cfg)
+    baseline, alone = _baseline_records(cfg)
 
     main = setup.task.main_metric  # test_accuracy, or test_r2 for regression
     short = main.removeprefix("test_")
 
     def on_eval(record):
-        acc = record.get("test_accuracy")
-        if record["round"] in baseline and acc is not None:
-            record["accuracy_drop"] = baseline[record["round"]] - acc
+        if record["round"] in baseline:
+            record.update(compare_with_baseline(record, baseline[record["round"]], alone))
         append_jsonl(metrics_path, record)
         rate = (record["round"] - last["round"]) / max(record["seconds"] - last["seconds"], 1e-9)
         bar.update(record["round"] - last["round"])

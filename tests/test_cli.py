@@ -310,3 +310,40 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_ends(tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["final"]["round"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_local_only_baseline_gives_the_collaboration_gain(tmp_path):
+    """Against a baseline run whose clients trained alone (topology: isolated), each
+    evaluation adds the collaboration gain, overall and per group (hospital): this run's
+    accuracy minus the baseline's at the same round; against any other baseline, only
+    the accuracy drop."""
+    from fedsim.cli import _baseline_records, compare_with_baseline
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    base = {
+        "round": 20,
+        "test_accuracy": 0.80,
+        "group0_test_accuracy": 0.9,
+        "group1_test_accuracy": 0.6,
+    }
+    (alone / "metrics.jsonl").write_text(json.dumps(base) + "\n")
+    (alone / "config.yaml").write_text("topology: {name: isolated}\n")
+    records, is_alone = _baseline_records({"baseline": str(alone)})
+    assert is_alone and records[20] == base
+    run = {
+        "round": 20,
+        "test_accuracy": 0.85,
+        "group0_test_accuracy": 0.8,
+        "group1_test_accuracy": 0.75,
+    }
+    got = compare_with_baseline(run, records[20], is_alone)
+    assert got["collaboration_gain"] == pytest.approx(0.05)
+    assert got["group0_collaboration_gain"] == pytest.approx(-0.1)
+    assert got["group1_collaboration_gain"] == pytest.approx(0.15)
+    assert got["accuracy_drop"] == pytest.approx(-0.05)
+    (alone / "config.yaml").write_text("topology: {name: star}\n")
+    records, is_alone = _baseline_records({"baseline": str(alone)})
+    assert not is_alone and set(compare_with_baseline(run, records[20], is_alone)) == {
+        "accuracy_drop"
+    }
