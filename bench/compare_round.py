@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
+import timing  # bench/ is on sys.path when run as a script
 
 from fedsim.config import load_config, to_spec
 
@@ -50,21 +49,9 @@ def make_setup(rule: str, attack: str, clients: int):
 
 
 def seconds_per_round(setup, hparams) -> float:
-    step = make_round(setup)
-
-    def many(state, hp, data):
-        state, _ = jax.lax.scan(lambda s, _: step(s, hp, data), state, None, length=ROUNDS)
-        return state
-
-    run = jax.jit(many, donate_argnums=0)
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hparams)
-    state = jax.block_until_ready(run(state, hparams, setup.data))
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        state = jax.block_until_ready(run(state, hparams, setup.data))
-        times.append((time.perf_counter() - start) / ROUNDS)
-    return statistics.median(times)
+    step = make_round(setup)
+    return timing.seconds_per_round(step, state, hparams, setup.data, ROUNDS, REPEATS)
 
 
 def main(argv=None) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 import fedsim.round as rounds  # noqa: E402
@@ -58,20 +57,8 @@ def seconds_per_round(setup, hparams, dense: bool) -> float:
         step = rounds.make_round(setup)
     finally:
         rounds.topology_of = original
-
-    def many(state, hp, data):
-        state, _ = jax.lax.scan(lambda s, _: step(s, hp, data), state, None, length=ROUNDS)
-        return state
-
-    run = jax.jit(many, donate_argnums=0)
     state = jax.jit(rounds.make_init(setup))(jax.random.PRNGKey(0), hparams)
-    state = jax.block_until_ready(run(state, hparams, setup.data))
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        state = jax.block_until_ready(run(state, hparams, setup.data))
-        times.append((time.perf_counter() - start) / ROUNDS)
-    return statistics.median(times)
+    return timing.seconds_per_round(step, state, hparams, setup.data, ROUNDS, REPEATS)
 
 
 def main(argv=None) -> None:
