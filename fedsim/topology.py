@@ -27,6 +27,7 @@ a malformed or disconnected graph is a one-line ``ConfigError``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -195,32 +196,47 @@ def make_torus(n_nodes: int = 9, rows: int | None = None, exchange: str = "model
 def make_k_regular(
     n_nodes: int = 4, k: int = 2, seed: int = 0, exchange: str = "models"
 ) -> Topology:
-    """A random ``k``-regular graph (seeded): the circulant graph (each node linked to the
-    k/2 nearest on either side, and the opposite node when k is odd), then 10·n·k random
-    double-edge swaps, each kept when the graph stays simple and connected. Needs
-    ``k < n`` and ``n·k`` even."""
+    """A random ``k``-regular graph (seeded). k = 2: a ring through a random order of the
+    nodes. Otherwise the circulant graph (each node linked to the k/2 nearest on either
+    side, and the opposite node when k is odd), then 10·n·k random double-edge swaps, each
+    kept when the graph stays simple; a disconnected result is drawn again (at most 100
+    times). Needs ``k < n`` and ``n·k`` even."""
     k = _int_option("k", k, 2, n_nodes - 1)
     if (n_nodes * k) % 2:
         raise ConfigError(f"topology 'k_regular': n·k must be even, got n={n_nodes}, k={k}")
     rng = np.random.default_rng(_int_option("seed", seed, 0))
+    if k == 2:
+        order = rng.permutation(n_nodes)
+        return _graph("k_regular", _undirected(n_nodes, order, np.roll(order, 1)), exchange)
     i = np.arange(n_nodes)
-    adjacency = np.zeros((n_nodes, n_nodes), bool)
+    circulant = np.zeros((n_nodes, n_nodes), bool)
     for shift in range(1, k // 2 + 1):
-        adjacency |= _undirected(n_nodes, i, (i + shift) % n_nodes)
+        circulant |= _undirected(n_nodes, i, (i + shift) % n_nodes)
     if k % 2:
         half = np.arange(n_nodes // 2)
-        adjacency |= _undirected(n_nodes, half, half + n_nodes // 2)
-    for _ in range(10 * n_nodes * k):
-        edges = np.argwhere(np.triu(adjacency, 1))
-        (a, b), (c, e) = edges[rng.choice(len(edges), 2, replace=False)]
+        circulant |= _undirected(n_nodes, half, half + n_nodes // 2)
+    for _ in range(100):
+        adjacency = _swapped(circulant, 10 * n_nodes * k, rng)
+        if connected(adjacency):
+            return _graph("k_regular", adjacency, exchange)
+    raise ConfigError(f"topology 'k_regular': no connected graph with n={n_nodes}, k={k}")
+
+
+def _swapped(adjacency: np.ndarray, swaps: int, rng) -> np.ndarray:
+    """``adjacency`` after ``swaps`` tries of a random double-edge swap (a-b, c-e ->
+    a-c, b-e), each kept when the graph stays simple: degrees are preserved. The edge
+    list is updated in place rather than re-read from the matrix each try."""
+    adjacency = adjacency.copy()
+    edges = np.argwhere(np.triu(adjacency, 1))
+    for _ in range(swaps):
+        x, y = rng.choice(len(edges), 2, replace=False)
+        (a, b), (c, e) = edges[x], edges[y]
         if len({a, b, c, e}) < 4 or adjacency[a, c] or adjacency[b, e]:
             continue
-        swapped = adjacency.copy()
-        swapped[[a, b, c, e], [b, a, e, c]] = False
-        swapped[[a, c, b, e], [c, a, e, b]] = True
-        if connected(swapped):
-            adjacency = swapped
-    return _graph("k_regular", adjacency, exchange)
+        adjacency[[a, b, c, e], [b, a, e, c]] = False
+        adjacency[[a, c, b, e], [c, a, e, b]] = True
+        edges[x], edges[y] = (a, c), (b, e)
+    return adjacency
 
 
 @REGISTRY.register("erdos_renyi")
@@ -321,7 +337,21 @@ def make_epidemic(n_nodes: int = 2, s: int = 1, exchange: str = "models") -> Top
 
 
 def make(name: str, n_nodes: int | None = None, **kw) -> Topology:
-    """Build topology ``name`` over ``n_nodes`` nodes (ignored by ``star``)."""
+    """Build topology ``name`` over ``n_nodes`` nodes (ignored by ``star``). A graph is
+    built once per (name, n_nodes, options): validation, set-up, the round and the
+    evaluation all ask for it."""
+    try:
+        return _built(name, n_nodes, tuple(sorted(kw.items())))
+    except TypeError:  # an unhashable option value: build it as it is (the factory checks it)
+        return _build(name, n_nodes, kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _built(name: str, n_nodes: int | None, items: tuple) -> Topology:
+    return _build(name, n_nodes, dict(items))
+
+
+def _build(name: str, n_nodes: int | None, kw: dict) -> Topology:
     factory = REGISTRY.get(name)
     fixed = accepted(factory, n_nodes=n_nodes) if n_nodes is not None else {}
     return factory(**fixed, **kw)
