@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
 # Sections whose keys beyond ``name`` are the component's own options.
 OPEN_SECTIONS = {"model", "aggregator", "attack", "data.partition", "topology"}
 # Keys of an open section that belong to the engine, kept when the component changes.
-ENGINE_KEYS = {"attack": ("fraction",)}
+ENGINE_KEYS = {"attack": ("fraction", "victims")}
 
 
 class _Loader(yaml.SafeLoader):
@@ -299,8 +299,9 @@ def _finite(value, where: str) -> None:
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
 
 
-def _check_factory(registry, name: str, kw: dict, where: str, **fixed) -> None:
-    """Build the component once with every option so bad options fail now, by name.
+def _check_factory(registry, name: str, kw: dict, where: str, **fixed):
+    """Build the component once with every option so bad options fail now, by name;
+    returns it.
 
     Unknown options and the generic checks (``_check_values``) come first, with the
     config's own wording; attacks word theirs themselves (``attack 'x': option 'y' ...``,
@@ -326,7 +327,7 @@ def _check_factory(registry, name: str, kw: dict, where: str, **fixed) -> None:
     else:
         _check_values(_defaults(registry, name), kw, where)
     try:
-        factory(**fixed, **kw)
+        return factory(**fixed, **kw)
     except (ConfigError, TypeError, ValueError) as err:
         raise _prefixed(where, name, err) from None
 
@@ -508,6 +509,33 @@ def _check_peer_to_peer(cfg: dict, name: str, kw: dict) -> None:
         )
 
 
+def _check_victims(cfg: dict, name: str, victims, attack) -> None:
+    """``attack.victims``: distinct node ids in [0, n_clients), peer-to-peer only, with an
+    attack that crafts a message per recipient."""
+    if victims is None:
+        return
+    n = cfg["data"]["n_clients"]
+    ids = isinstance(victims, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in victims
+    )
+    if not ids or not victims or len(set(victims)) != len(victims):
+        raise ConfigError(
+            f"attack.victims must be a non-empty list of distinct node ids, got {victims!r}"
+        )
+    if not all(0 <= v < n for v in victims):
+        raise ConfigError(f"attack.victims: node ids must be in [0, {n}), got {victims!r}")
+    if not _peer_to_peer(cfg):
+        raise ConfigError(
+            "attack.victims names nodes of a peer-to-peer graph; set topology to one of "
+            f"{', '.join(GRAPHS)} or drop attack.victims"
+        )
+    if attack.craft is None:
+        raise ConfigError(
+            f"attack.victims needs an attack that crafts a message per recipient; {name!r} "
+            "sends every neighbour what it trained (e.g. strategic_distance, dissensus)"
+        )
+
+
 GRAPHS = ("complete", "ring", "torus", "k_regular", "erdos_renyi", "two_worlds", "epidemic")
 
 
@@ -563,15 +591,17 @@ def validate(cfg: dict) -> None:
     number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
     if not number or not 0 <= fraction < 1:
         raise ConfigError(f"attack.fraction must be a number in [0, 1), got {fraction!r}")
+    victims = att_kw.pop("victims", None)
     from fedsim.types import AttackSetup
 
-    _check_factory(
+    attack = _check_factory(
         attacks.REGISTRY,
         att_name,
         att_kw,
         "attack",
         setup=AttackSetup(agg_name, tuple(sorted(agg_kw.items()))),
     )
+    _check_victims(cfg, att_name, victims, attack)
     _int(cfg, "judge.size", low=0)
     _int(cfg, "proxy.size", low=0, optional=True)
     for side in ("judge", "proxy"):
@@ -643,6 +673,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
     agg_name, agg_kw = _component_kw(cfg["aggregator"], "aggregator")
     att_name, att_kw = _component_kw(cfg["attack"], "attack")
     fraction = float(att_kw.pop("fraction", 0.0))
+    victims = tuple(sorted(att_kw.pop("victims", None) or ()))
     agg_static, agg_traced = _split_aggregator(agg_name, agg_kw)
     att_static, att_traced = _split_traced(attacks.REGISTRY, att_name, att_kw)
     classes = cfg["judge"]["classes"]
@@ -669,6 +700,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         attack_kw=freeze(att_static),
         topology=cfg["topology"]["name"],
         topology_kw=freeze({k: v for k, v in cfg["topology"].items() if k != "name"}),
+        victims=victims,
         judge_size=cfg["judge"]["size"],
         judge_classes=None if classes is None else tuple(classes),
         proxy_size=cfg["proxy"]["size"],

@@ -16,6 +16,12 @@ parameters and ``c`` clients trained at once (on ``D`` devices sharing the clien
   gradient, new params and optimizer slots, plus activations of a batch;
 - per run, evaluation activations of one 1,000-sample test batch.
 
+Peer-to-peer (one model per node, ``n = m`` nodes), the aggregation's term is per node:
+each node's rule holds its ``K`` neighbourhood rows (``K = n`` on a dense graph): the
+gathered rows, the crafted rows when there is an attack, the rule's working set and a
+``K x K`` Gram matrix, for ``c`` nodes at once (the same chunk as training) beside the
+round's ``[n, d]`` trained, sent and benign matrices.
+
 It is deliberately conservative (XLA reuses buffers, so the compiled program usually
 needs less); ``tests/test_memory.py`` checks it stays above XLA's own figure.
 """
@@ -79,6 +85,7 @@ class Footprint(NamedTuple):
     update_copies: int  # [m, d] matrices live in a round, besides the aggregator's
     per_client_train: int  # bytes one client needs while it trains
     eval_act: int
+    neighbourhood: int | None = None  # peer-to-peer: rows a node's rule holds (K)
 
 
 def footprint(setup) -> Footprint:
@@ -105,7 +112,24 @@ def footprint(setup) -> Footprint:
         update_copies=copies,
         per_client_train=per_client,
         eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
+        neighbourhood=_neighbourhood(setup),
     )
+
+
+def _neighbourhood(setup) -> int | None:
+    """Rows one node's rule holds peer-to-peer (None on the star): its gathered
+    neighbourhood's width, or every node on a dense graph."""
+    import jax
+
+    from fedsim.setup import is_peer_to_peer, topology_of
+
+    if not is_peer_to_peer(setup.spec):
+        return None
+    topo = topology_of(setup.spec)
+    if topo.gather is None:
+        return setup.spec.n_clients
+    index, _ = jax.eval_shape(topo.gather, jax.random.PRNGKey(0))
+    return int(index.shape[1])
 
 
 def _hparams_shapes(setup):
@@ -152,7 +176,12 @@ def estimate(
     """Estimated peak bytes for ``batch`` runs at ``client_chunk`` clients at once."""
     m = participants or fp.participants
     c = m if client_chunk is None else min(client_chunk, m)
-    updates = 4 * m * fp.d * (fp.update_copies + AGG_COPIES) + 4 * m * m
+    if fp.neighbourhood is None:
+        updates = 4 * m * fp.d * (fp.update_copies + AGG_COPIES) + 4 * m * m
+    else:  # [n, d] round matrices, then c nodes' [K, d] rows and rule working sets
+        k = fp.neighbourhood
+        rows = k * fp.d * (fp.update_copies - 1 + AGG_COPIES) + k * k
+        updates = 4 * m * fp.d * fp.update_copies + 4 * c * rows
     per_run = (
         2 * fp.state + updates // n_devices + c * fp.per_client_train // n_devices + fp.eval_act
     )

@@ -404,77 +404,124 @@ def make_round(setup: Setup):
     return round_step
 
 
+class Exchange(NamedTuple):
+    """What a peer-to-peer round's nodes share, in node order: who (every node, present),
+    own ``[n, d]`` (the models before training), sent ``[n, d]`` (each node's message
+    before crafting: its trained model, or its update), benign ``[n, d]`` or None (the
+    malicious nodes' clean updates, when the attack asks), previous ``[n, d]`` (each
+    node's last step) and targets ``[n]`` bool (the recipients malicious neighbours craft
+    for: the honest nodes, only the named victims when ``attack.victims`` is set)."""
+
+    who: Participants
+    own: jax.Array
+    sent: jax.Array
+    benign: jax.Array | None
+    previous: jax.Array
+    targets: jax.Array
+
+
+def make_messages(setup: Setup, topo, attack):
+    """``messages(k, me, index [K], weights [K], key, exchange, hparams, data) -> (rows
+    [K, d], local Participants)``: what node ``k`` receives from its neighbourhood
+    ``index`` (itself at row ``me``), relative to its own model before training
+    (exchanging models: ``model_j - own_k``; updates: ``update_j``). When ``k`` is a
+    target, its malicious neighbours' rows are crafted against it (its model, its
+    neighbourhood, its rule; ``AttackContext.self_index = me``); every other row, and
+    every row a non-target receives, is the sender's own message: only
+    malicious -> target edges carry crafted messages."""
+    context = make_attack_context(setup, attack)
+    models = topo.exchange == "models"
+
+    def messages(k, me, index, weights, key, ex: Exchange, hparams, data):
+        who, flat = ex.who, ex.own[k]
+        local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
+        rows = ex.sent[index] - flat if models else ex.sent[index]
+        if attack.craft is None:
+            return rows, local
+        mine = None if ex.benign is None else ex.benign[index]
+        if mine is not None and models:
+            mine = ex.own[index] + mine - flat
+        ctx = context(key, hparams, data, local, flat, mine, ex.previous[k], weights, self_index=me)
+        crafted = attack.craft(rows, local.is_malicious, ctx)
+        return jnp.where(ex.targets[k], crafted, rows), local
+
+    return messages
+
+
+def victims_mask(spec) -> jax.Array:
+    """``[n]`` bool: the nodes ``attack.victims`` names (every node when it names none)."""
+    if not spec.victims:
+        return jnp.ones(spec.n_clients, bool)
+    return jnp.zeros(spec.n_clients, bool).at[jnp.asarray(spec.victims)].set(True)
+
+
+def over_nodes(fn, args, chunk: int | None):
+    """``fn`` over the leading (node) axis of every leaf of ``args``: one vmap, or
+    ``lax.map`` over chunks of ``chunk`` nodes (the memory planner's bound on how many
+    neighbourhoods are held at once)."""
+    if chunk is None:
+        return jax.vmap(fn)(*args)
+    return jax.lax.map(lambda xs: fn(*xs), args, batch_size=chunk)
+
+
 def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     """The round with one model per node: every node trains from its own model, then each
     node's rule (the same ``Aggregator``, vmapped over nodes, its own state and key)
-    aggregates the rows its neighbourhood weights keep. The rows a node's rule sees are
-    relative to that node's model before training (its ``global_params``): exchanging
-    models, ``model_j - own``; exchanging updates, ``update_j``. So a rule's reference
-    point (the origin, its own row) is the node's own model, and its output is the node's
-    step. Behaviour-based rules judge with ``judge.size`` samples of the node's own data.
-    A crafting adversary writes each recipient its own message: the malicious rows of
-    node k's neighbourhood are crafted against node k (its model, its neighbourhood, its
-    rule; ``AttackContext.self_index`` = k), after the adversary's goal samples are
-    drawn once for the round.
+    aggregates the rows its neighbourhood weights keep, as ``make_messages`` delivers
+    them (relative to the node's model before training, malicious rows crafted for it
+    when it is a target). So a rule's reference point (the origin, its own row) is the
+    node's own model, and its output is the node's step. Behaviour-based rules judge
+    with ``judge.size`` samples of the node's own data. The adversary's goal samples are
+    drawn once per recipient.
     Sparse graphs (``topology.gather``) hand each node's rule its K neighbourhood rows,
     gathered (``[n, K, d]`` in all, itself first); dense ones all n rows with weight 0
-    for non-neighbours. Metrics are the honest nodes' means over their neighbourhoods."""
+    for non-neighbours. Nodes are aggregated ``setup.client_chunk`` at a time when the
+    memory planner sets one. Metrics are the honest nodes' means over their
+    neighbourhoods."""
     spec = setup.spec
     _, ravel_rows = flat_unravel(setup)
-    nodes = jnp.arange(spec.n_clients)
-    context = make_attack_context(setup, attack)
+    n = spec.n_clients
+    nodes = jnp.arange(n)
+    messages = make_messages(setup, topo, attack)
+    victims = victims_mask(spec)
+    dense = topo.gather is None
 
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
         keys = round_keys(state)
-        who = sample(keys.sample, state.malicious, data, spec.n_clients, spec.n_clients)
+        who = sample(keys.sample, state.malicious, data, n, n)
         own = ravel_rows(state.params)  # [n, d]: the nodes' models
         trained = train(state.params, who, keys.train, hparams, data, own=True)
-        n = spec.n_clients
-        if topo.gather is not None:  # sparse: each node's K neighbourhood rows, itself first
-            index, valid = topo.gather(keys.aggregate)
-            weights = jnp.where(valid, who.weights[index], 0.0)
-            me, index_axis = jnp.zeros(n, jnp.int32), 0
-        else:  # dense: every node's rule over all n rows, weight 0 for non-neighbours
+        if dense:  # every node's rule over all n rows, weight 0 for non-neighbours
             weights = topo.neighbourhoods(keys.aggregate, who.clients, who.weights)
             valid = weights > 0
-            index, me, index_axis = jnp.arange(n), nodes, None
+            index, me = nodes, nodes  # index unused: every node reads all rows
+        else:  # each node's K neighbourhood rows, itself first
+            index, valid = topo.gather(keys.aggregate)
+            weights = jnp.where(valid, who.weights[index], 0.0)
+            me = jnp.zeros(n, jnp.int32)
         degrees = jnp.sum(valid, axis=1).astype(jnp.float32) - 1.0  # [n]
-        node_keys = jax.random.split(keys.aggregate, n)
-        attack_keys = jax.random.split(keys.attack, n)
-        models = topo.exchange == "models"
-        sent = own + trained.updates if models else trained.updates  # [n, d], shared
-        benign = trained.benign
+        sent = own + trained.updates if topo.exchange == "models" else trained.updates
+        ex = Exchange(
+            who, own, sent, trained.benign, state.previous_aggregate, ~who.is_malicious & victims
+        )
 
-        def craft_for(me, idx, local, rows, flat, previous, key):
-            """Node's neighbourhood rows, the malicious ones crafted against it."""
-            if attack.craft is None:
-                return rows
-            mine = None if benign is None else benign[idx]
-            if mine is not None and models:
-                mine = own[idx] + mine - flat
-            ctx = context(
-                key, hparams, data, local, flat, mine, previous, local.weights, self_index=me
-            )
-            return attack.craft(rows, local.is_malicious, ctx)
-
-        def node(k, me, idx, w, agg_state, flat, previous, key, k_attack):
+        def node(k, me, idx, w, agg_state, key, k_attack):
             k_rule, k_judge = jax.random.split(key)
-            local = Participants(who.clients[idx], who.count[idx], w, who.is_malicious[idx])
+            idx = nodes if dense else idx
+            rows, local = messages(k, me, idx, w, k_attack, ex, hparams, data)
             judge = (None, None)
             if spec.judge_size:
                 judge = own_samples(k_judge, setup, data, k, spec.judge_size)
             view = PeerView(me, degrees[idx], *judge)
-            rows = sent[idx] - flat if models else sent[idx]
-            rows = craft_for(me, idx, local, rows, flat, previous, k_attack)
-            args = (local.clients, agg_state, k_rule, hparams, data, flat, view)
+            args = (local.clients, agg_state, k_rule, hparams, data, own[k], view)
             out = aggregate(rows, w, *args)
             # each group's distance to what the node accepted, as the node received them
             return out, distances_to(out.delta, rows, w > 0, local.is_malicious), local
 
-        axes = (0, 0, index_axis, 0, 0, 0, 0, 0, 0)
-        per_node = (nodes, me, index, weights, state.agg_state, own, state.previous_aggregate)
-        out, distances, local = jax.vmap(node, in_axes=axes)(*per_node, node_keys, attack_keys)
+        per_node = (nodes, me, index, weights, state.agg_state)
+        per_node += (jax.random.split(keys.aggregate, n), jax.random.split(keys.attack, n))
+        out, distances, local = over_nodes(node, per_node, setup.client_chunk)
         steps = out.delta
         params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
             state.params, state.server_opt_state, steps, hparams
@@ -603,6 +650,11 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
         for g in range(setup.n_groups if setup.n_groups > 1 else 0):
             mine = honest & (data.client_group == g)
             out[f"group{g}_{main}"] = _honest_mean(per_node[f"group{g}_{main}"], mine)
+        if setup.spec.victims:  # the named victims that are honest
+            hit = honest & victims_mask(setup.spec)
+            for name in (main, "attack_success_rate"):
+                if name in per_node:
+                    out[f"victims_{name}"] = _honest_mean(per_node[name], hit)
         scores = jnp.where(honest, per_node[main], jnp.inf)
         out[f"worst_{main}"] = jnp.min(scores)
         mean = out[main]

@@ -56,6 +56,7 @@ class Spec:
     eval_every: int
     topology: str = "star"
     topology_kw: tuple = ()
+    victims: tuple = ()  # peer-to-peer: the only nodes malicious neighbours craft for
 
 
 @struct.dataclass

@@ -89,3 +89,26 @@ def test_cli_memory_errors_exit_2(tmp_path, capsys):
 def test_budget_defaults_to_a_fraction_of_memory():
     assert memory.budget_bytes(2.0) == 2 * memory.GB
     assert 0 < memory.budget_bytes() <= memory.device_memory_bytes()
+
+
+def test_peer_to_peer_estimate_counts_neighbourhoods_and_bounds_xla():
+    """Peer-to-peer the estimate holds each node's K gathered rows (K = 5 on a 4 x 4
+    torus, every node on a complete graph), chunked nodes hold fewer at once, the plan
+    picks a node chunk when all 16 neighbourhoods do not fit, and the estimate stays
+    above XLA's own figure for the chunked round."""
+    over = ["data.n_clients=16", "client.participants=16", *OVER[1:]]
+    torus, hp = to_spec(load_config("configs/digits.yaml", [*over, "topology.name=torus"]))
+    setup = prepare(torus)
+    fp = memory.footprint(setup)
+    assert fp.neighbourhood == 5
+    complete = to_spec(load_config("configs/digits.yaml", [*over, "topology.name=complete"]))
+    assert memory.footprint(prepare(complete[0])).neighbourhood == 16
+    assert memory.estimate(fp, 1, 4) < memory.estimate(fp, 1, None)
+    tight = memory.estimate(fp, 1, 4) + 1
+    chosen = memory.plan(setup, 1, tight)
+    assert chosen.client_chunk is not None and chosen.client_chunk <= 4
+    s = with_layout(setup, client_chunk=4)
+    state = jax.jit(make_init(s))(jax.random.PRNGKey(1), hp)
+    ma = jax.jit(make_chunk(s, 2)).lower(state, hp, s.data).compile().memory_analysis()
+    xla = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+    assert memory.estimate(fp, 1, 4) >= xla

@@ -13,8 +13,19 @@ from fedsim import runner
 from fedsim import topology as topologies
 from fedsim.config import load_config, to_spec
 from fedsim.registry import ConfigError
-from fedsim.round import make_init, make_round, make_train, own_samples, round_keys, sample
-from fedsim.setup import components, flat_unravel, prepare
+from fedsim.layout import with_layout
+from fedsim.round import (
+    Exchange,
+    make_init,
+    make_messages,
+    make_round,
+    make_train,
+    own_samples,
+    round_keys,
+    sample,
+    victims_mask,
+)
+from fedsim.setup import components, flat_unravel, prepare, topology_of
 
 BASE = [
     "data.name=digits",
@@ -40,10 +51,23 @@ def _two_rounds(setup, hp):
     return state
 
 
-def test_mean_on_a_complete_graph_is_fedavg():
-    star = _two_rounds(*_setup())
-    complete = _two_rounds(*_setup("topology.name=complete"))
-    for node in range(8):
+@pytest.mark.parametrize(
+    "rule, data",
+    [
+        ("mean", []),
+        # gossip weighs its n neighbours 1/n each, FedAvg by sample counts: equal with
+        # equal data (three iid clients of 479 samples each)
+        ("gossip", ["data.n_clients=3", "client.participants=3", "data.partition.name=iid"]),
+    ],
+)
+def test_averaging_on_a_complete_graph_is_fedavg(rule, data):
+    """Full participation on a complete graph: the plain mean, and gossip (Metropolis
+    weights, 1/n on a complete graph), give every node FedAvg's model."""
+    star_setup, hp = _setup(*data)
+    assert rule == "mean" or len(set(np.asarray(star_setup.data.count).tolist())) == 1
+    star = _two_rounds(star_setup, hp)
+    complete = _two_rounds(*_setup(*data, "topology.name=complete", f"aggregator.name={rule}"))
+    for node in range(star_setup.spec.n_clients):
         for got, want in zip(
             jax.tree.leaves(complete.params), jax.tree.leaves(star.params), strict=True
         ):
@@ -175,6 +199,11 @@ def test_bad_graphs_are_one_line_errors(tmp_path, name, kw, lines, message):
         (["attack={name: dissensus, fraction: 0.25}"], "attack 'dissensus' is for peer-to"),
         (["topology.name=ring", "aggregator.name=ubar"], "judges updates on its own data"),
         (["topology={name: torus}"], "do not make a grid"),
+        (["attack={name: alie, victims: [1]}"], "victims names nodes of a peer-to-peer"),
+        (["topology.name=ring", "attack={name: alie, victims: [9]}"], r"must be in \[0, 8\)"),
+        (["topology.name=ring", "attack={name: alie, victims: [1, 1]}"], "distinct node ids"),
+        (["topology.name=ring", "attack={name: alie, victims: []}"], "non-empty list"),
+        (["topology.name=ring", "attack={name: label_flip, victims: [1]}"], "crafts a message"),
     ],
 )
 def test_peer_config_errors(overrides, message):
@@ -327,3 +356,101 @@ def test_topology_gallery_draws_every_graph_and_refuses_bad_sizes(tmp_path, caps
     assert main(["topology", "--out", str(out)]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
     assert main(["topology", "--nodes", "10", "--out", str(tmp_path / "h.png")]) == 2
     assert "multiple of 4" in capsys.readouterr().err and not (tmp_path / "h.png").exists()
+
+
+def _with_malicious(setup, hp, nodes):
+    """A run's initial state with exactly ``nodes`` malicious."""
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    malicious = np.zeros(setup.spec.n_clients, bool)
+    malicious[list(nodes)] = True
+    return state._replace(malicious=jnp.asarray(malicious))
+
+
+@pytest.mark.parametrize("victims", [None, [2, 5]])
+def test_crafted_messages_travel_only_from_malicious_to_target_nodes(victims):
+    """On a ring with malicious nodes 1 and 4 (dissensus), the rows each node receives
+    differ from what the senders trained exactly on the malicious -> honest edges (only
+    those into the named victims when ``attack.victims`` is set), never elsewhere."""
+    over = ["topology.name=ring", "attack={name: dissensus, epsilon: 2.0, fraction: 0.25}"]
+    if victims:
+        over.append(f"attack.victims={victims}")
+    setup, hp = _setup(*over)
+    state = _with_malicious(setup, hp, (1, 4))
+    _, attack = components(setup)
+    keys = round_keys(state)
+    who = sample(keys.sample, state.malicious, setup.data, 8, 8)
+    trained = jax.jit(make_train(setup, attack), static_argnames="own")(
+        state.params, who, keys.train, hp, setup.data, own=True
+    )
+    _, ravel_rows = flat_unravel(setup)
+    own = ravel_rows(state.params)
+    topo = topology_of(setup.spec)
+    index, valid = topo.gather(keys.aggregate)
+    weights = jnp.where(valid, who.weights[index], 0.0)
+    targets = ~who.is_malicious & victims_mask(setup.spec)
+    ex = Exchange(who, own, own + trained.updates, None, state.previous_aggregate, targets)
+    deliver = jax.vmap(make_messages(setup, topo, attack), in_axes=(0,) * 5 + (None,) * 3)
+    node_keys = jax.random.split(keys.attack, 8)
+    rows, _ = jax.jit(deliver)(
+        jnp.arange(8), jnp.zeros(8, jnp.int32), index, weights, node_keys, ex, hp, setup.data
+    )
+    plain = np.asarray(ex.sent)[np.asarray(index)] - np.asarray(own)[:, None]
+    changed = np.any(np.asarray(rows) != plain, axis=-1)  # [n, K]
+    malicious_sender = np.asarray(state.malicious)[np.asarray(index)] & np.asarray(valid)
+    expected = np.asarray(targets)[:, None] & malicious_sender
+    assert expected.sum() == (2 if victims else 4)
+    np.testing.assert_array_equal(changed, expected)
+
+
+def test_an_honest_clique_out_of_the_attackers_reach_never_hears_them(tmp_path):
+    """Two 4-cliques joined by the edge 3-4, nodes 6 and 7 malicious (dissensus): after
+    one round the far clique's models (nodes 0-3) are bitwise those of a clean run,
+    while node 5, a neighbour of both attackers, is not."""
+    path = tmp_path / "cliques.txt"
+    cliques = [(a, b) for g in (0, 4) for a in range(g, g + 4) for b in range(a + 1, g + 4)]
+    path.write_text("".join(f"{a} {b}\n" for a, b in [*cliques, (3, 4)]))
+    common = [f"topology={{name: edges, path: {path}}}", "aggregator.name=gossip"]
+    after = {}
+    for name in ("none", "dissensus"):
+        setup, hp = _setup(*common, f"attack={{name: {name}, fraction: 0.25}}")
+        state = _with_malicious(setup, hp, (6, 7))
+        after[name], _ = jax.jit(make_round(setup))(state, hp, setup.data)
+    _, ravel_rows = flat_unravel(setup)
+    clean, attacked = (np.asarray(ravel_rows(after[k].params)) for k in ("none", "dissensus"))
+    np.testing.assert_array_equal(attacked[:4], clean[:4])
+    assert np.abs(attacked[5] - clean[5]).max() > 1e-3
+
+
+def test_nodes_aggregated_in_chunks_equal_all_at_once():
+    """The memory planner's node chunk (here 4 of 16 torus nodes at a time, median, an
+    ALIE adversary) changes nothing but how many neighbourhoods are held at once."""
+    over = [
+        "data.n_clients=16",
+        "client.participants=16",
+        "topology.name=torus",
+        "aggregator.name=median",
+        "attack={name: alie, fraction: 0.25}",
+    ]
+    setup, hp = _setup(*over)
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    whole, m_whole = jax.jit(make_round(setup))(state, hp, setup.data)
+    chunked_setup = with_layout(setup, client_chunk=4)
+    chunked, m_chunked = jax.jit(make_round(chunked_setup))(state, hp, setup.data)
+    for got, want in zip(
+        jax.tree.leaves(chunked.params), jax.tree.leaves(whole.params), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(m_chunked, m_whole, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_victims_are_named_nodes_and_get_their_own_metrics():
+    """``attack.victims``: the evaluation reports the honest victims' own accuracy; bad
+    victim lists are one-line errors."""
+    setup, hp = _setup(
+        "topology.name=ring",
+        "attack={name: dissensus, epsilon: 2.0, fraction: 0.25, victims: [0, 3]}",
+    )
+    assert setup.spec.victims == (0, 3)
+    last = runner.run(setup, hp, seed=0)[-1]
+    assert 0.0 <= last["victims_test_accuracy"] <= 1.0
