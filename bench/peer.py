@@ -1,35 +1,63 @@
-"""Peer-to-peer rounds: gathered neighbourhoods against dense weights, side by side.
+"""Peer-to-peer rounds, side by side: gathered neighbourhoods against dense weights, a
+peer-to-peer round against the star round of as many participants, and the fused round
+against a per-node Python loop.
 
-Every node of a ring (or a k-regular graph) trains a small MLP on its `digits` shard
-and aggregates its neighbourhood with the median. The same round runs twice: each
-node's rule on its K gathered rows (``topology.gather``), and on all n rows with weight
-0 for non-neighbours (``topology.dense``). Median seconds per scanned round (5 rounds a
-call, 5 calls after a warm-up), their ratio, and the gathered round alone at node counts
-where the dense one would need n² rows. Writes ``bench/results/peer.json`` with the
-machine.
+1. Every node of a ring (or a k-regular graph) trains a small MLP on its `digits` shard
+   and aggregates its neighbourhood with the median. The same round runs twice: each
+   node's rule on its K gathered rows (``topology.gather``), and on all n rows with weight
+   0 for non-neighbours (``topology.dense``); then the gathered round alone at node counts
+   where the dense one would need n² rows.
+2. ``--vs-star N``: N nodes on MNIST (MLP 784-100-10, batch 32, 1 local step, iid; the
+   setting of ``round_throughput.py``), each of ring, k_regular (k = 8) and epidemic
+   (s = 8) with gossip, median and self-centred clipping, beside the star round of N
+   participants with the matching server rule (mean, median, centred clipping) in the
+   same run. The ratio peer / star is what a node's graph costs over one server.
+3. ``--loop N``: the fused peer-to-peer round (k_regular, k = 8, median) against a
+   per-node Python loop (the style of simulators that keep one model per node): per node,
+   one jitted local training and one jitted rule over its gathered rows, then one jitted
+   optimizer step, with the same keys; the loop's first round is checked to equal the
+   fused round's.
 
-Usage: ``python bench/peer.py [--nodes 64 256] [--large 1024] [--quick]``
+Median seconds per scanned round (5 rounds a call, 5 calls after a warm-up; the loop:
+median of 3 rounds after one). Writes ``bench/results/peer.json`` with the machine.
+
+Usage: ``python bench/peer.py [--nodes 64 256] [--large 1024] [--vs-star 1000]
+[--loop 100] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
 from machine import machine_info  # noqa: E402
+from round_throughput import make_setup as mnist_setup  # noqa: E402
 
 import fedsim.round as rounds  # noqa: E402
+from fedsim import memory  # noqa: E402
 from fedsim import topology as topologies  # noqa: E402
 from fedsim.config import load_config, to_spec  # noqa: E402
-from fedsim.setup import prepare  # noqa: E402
+from fedsim.setup import components, flat_unravel, prepare  # noqa: E402
 
 ROUNDS, REPEATS = 5, 5
+GRAPHS_VS_STAR = ("{name: ring}", "{name: k_regular, k: 8}", "{name: epidemic, s: 8}")
+# a peer-to-peer rule and the server rule it is compared with
+RULES_VS_STAR = {
+    "gossip": "mean",
+    "median": "median",
+    "self_centered_clipping": "centered_clipping",
+}
+LOOP_GRAPH = "{name: k_regular, k: 8}"
 
 
 def make_setup(nodes: int, graph: str):
@@ -61,15 +89,114 @@ def seconds_per_round(setup, hparams, dense: bool) -> float:
     return timing.seconds_per_round(step, state, hparams, setup.data, ROUNDS, REPEATS)
 
 
+def peer_vs_star(nodes: int, results: dict, out: str) -> None:
+    """Section 2: each graph x rule at ``nodes`` nodes beside the star round."""
+    star = {}
+    for rule, server_rule in RULES_VS_STAR.items():
+        setup, hp = mnist_setup(nodes, 1, aggregator=server_rule)
+        star[rule] = seconds_per_round(setup, hp, dense=False)
+        for graph in GRAPHS_VS_STAR:
+            setup, hp = mnist_setup(nodes, 1, aggregator=rule, extra=[f"topology={graph}"])
+            peer = seconds_per_round(setup, hp, dense=False)
+            row = {"section": "vs_star", "graph": graph, "nodes": nodes, "rule": rule}
+            row |= {"peer_s": peer, "star_rule": server_rule, "star_s": star[rule]}
+            row["peer_over_star"] = peer / star[rule]
+            row |= memory_of(setup, hp)
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            write(out, results)
+
+
+def memory_of(setup, hparams) -> dict:
+    """The planner's estimate for one run of ``setup`` (no chunking) beside XLA's own
+    figure for its compiled chunk of rounds (arguments + outputs + temporaries), GiB."""
+    estimate = memory.estimate(memory.footprint(setup), 1, None)
+    state = jax.jit(rounds.make_init(setup))(jax.random.PRNGKey(0), hparams)
+    compiled = jax.jit(rounds.make_chunk(setup, 1)).lower(state, hparams, setup.data).compile()
+    ma = compiled.memory_analysis()
+    xla = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+    return {"estimate_gb": estimate / memory.GB, "xla_gb": xla / memory.GB}
+
+
+def python_loop(setup, hparams, n_rounds: int):
+    """Section 3's loop: ``n_rounds`` rounds over a per-node list of models, one jitted
+    call per node and stage. Returns (median seconds per round after the first, the
+    models after the first round as an ``[n, d]`` array)."""
+    spec = setup.spec
+    n = spec.n_clients
+    agg, attack = components(setup)
+    _, ravel_rows = flat_unravel(setup)
+    state = jax.jit(rounds.make_init(setup))(jax.random.PRNGKey(0), hparams)
+    train = jax.jit(rounds.make_train(setup, attack), static_argnames="own")
+    aggregate = jax.jit(rounds.make_aggregate(setup, agg))
+    apply = jax.jit(rounds.make_apply(setup))
+    topo = rounds.topology_of(spec)
+    at = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+    models = [at(state.params, slice(k, k + 1)) for k in range(n)]  # leading axis [1]
+    opts = [at(state.server_opt_state, k) for k in range(n)]
+    agg_states = [at(state.agg_state, k) for k in range(n)]
+    times, first = [], None
+    for r in range(n_rounds):
+        start = time.perf_counter()
+        keys = rounds.round_keys(state._replace(round=jnp.asarray(r, jnp.int32)))
+        who = rounds.sample(keys.sample, state.malicious, setup.data, n, n)
+        index, valid = topo.gather(keys.aggregate)
+        index, valid = np.asarray(index), np.asarray(valid)
+        own, sent = [], []
+        for k in range(n):
+            one = rounds.Participants(*(x[k : k + 1] for x in who))
+            update = train(models[k], one, keys.train, hparams, setup.data, own=True).updates[0]
+            own.append(ravel_rows(models[k])[0])
+            sent.append(own[k] + update)
+        node_keys = jax.random.split(keys.aggregate, n)
+        degrees = jnp.asarray(valid.sum(axis=1) - 1.0, jnp.float32)
+        for k in range(n):
+            idx = index[k]
+            rows = jnp.stack([sent[j] for j in idx]) - own[k]
+            w = jnp.where(jnp.asarray(valid[k]), who.weights[idx], 0.0)
+            k_rule, _ = jax.random.split(node_keys[k])
+            view = rounds.PeerView(jnp.int32(0), degrees[idx], None, None)
+            out = aggregate(
+                rows, w, who.clients[idx], agg_states[k], k_rule, hparams, setup.data, own[k], view
+            )
+            params, opts[k] = apply(
+                jax.tree.map(lambda x: x[0], models[k]), opts[k], out.delta, hparams
+            )
+            models[k], agg_states[k] = jax.tree.map(lambda x: x[None], params), out.agg_state
+        jax.block_until_ready(models)
+        times.append(time.perf_counter() - start)
+        if r == 0:
+            first = np.concatenate([np.asarray(ravel_rows(m)) for m in models])
+    return statistics.median(times[1:]), first
+
+
+def fused_vs_loop(nodes: int, results: dict, out: str) -> None:
+    """Section 3: the fused round against ``python_loop`` at ``nodes`` nodes."""
+    setup, hp = mnist_setup(nodes, 1, aggregator="median", extra=[f"topology={LOOP_GRAPH}"])
+    fused = seconds_per_round(setup, hp, dense=False)
+    loop, first = python_loop(setup, hp, n_rounds=4)
+    state = jax.jit(rounds.make_init(setup))(jax.random.PRNGKey(0), hp)
+    after, _ = jax.jit(rounds.make_round(setup))(state, hp, setup.data)
+    _, ravel_rows = flat_unravel(setup)
+    np.testing.assert_allclose(first, np.asarray(ravel_rows(after.params)), rtol=1e-4, atol=1e-5)
+    row = {"section": "loop", "graph": LOOP_GRAPH, "nodes": nodes, "rule": "median"}
+    row |= {"fused_s": fused, "python_loop_s": loop, "loop_over_fused": loop / fused}
+    results["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    write(out, results)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--nodes", type=int, nargs="*", default=[64, 256])
     parser.add_argument("--large", type=int, nargs="*", default=[1024])
+    parser.add_argument("--vs-star", type=int, nargs="*", default=[1000])
+    parser.add_argument("--loop", type=int, nargs="*", default=[100])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--out", default="bench/results/peer.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.nodes, args.large = [16], [32]
+        args.nodes, args.large, args.vs_star, args.loop = [16], [32], [20], [20]
     results = {"machine": machine_info(), "rounds_per_call": ROUNDS, "calls": REPEATS, "rows": []}
     for graph in ("{name: ring}", "{name: k_regular, k: 6}"):
         for n in args.nodes:
@@ -87,6 +214,10 @@ def main(argv=None) -> None:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             write(args.out, results)
+    for n in args.vs_star:
+        peer_vs_star(n, results, args.out)
+    for n in args.loop:
+        fused_vs_loop(n, results, args.out)
 
 
 def write(path: str, results: dict) -> None:
