@@ -60,18 +60,22 @@ def n_local_steps(spec: LocalSpec, count):
 
 def make_local_train(apply_fn, spec: LocalSpec, poison=None, loss=cross_entropy):
     """Build ``local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp,
-    is_malicious) -> update`` for one client.
+    is_malicious, data_goal=None) -> update`` for one client.
 
     params: the global params pytree; data_x ``[N, ...]`` (uint8 images or float features,
     scaled by ``spec.x_scale``), data_y ``[N]``; ``loss(outputs, y, mask)``: the task's;
     idx_row int32 ``[P]``; count, n_steps: int32 scalars (``n_steps`` is the loop bound in
     epoch mode, the same for every client of the round: steps past the client's own are
     no-ops; step mode always runs exactly ``spec.steps``);
-    hp: ``{"lr", "momentum", "attack": {...}}`` traced scalars. Returns the update
+    hp: ``{"lr", "momentum", "attack": {...}}`` traced scalars; data_goal: bool ``[N]``,
+    the dataset's goal subgroup, handed to ``poison`` as ``in_goal`` of each batch row
+    (when given). Returns the update
     (local params - global params), a pytree like ``params``.
     """
 
-    def local_train(params, data_x, data_y, idx_row, count, n_steps, key, hp, is_malicious):
+    def local_train(
+        params, data_x, data_y, idx_row, count, n_steps, key, hp, is_malicious, data_goal=None
+    ):
         # No client holds more than P samples: a batch larger than P would be padding only.
         batch = min(spec.batch_size, idx_row.shape[0])
         optimizer = make_optimizer(spec.optimizer, hp["lr"], hp["momentum"])
@@ -101,7 +105,9 @@ def make_local_train(apply_fn, spec: LocalSpec, poison=None, loss=cross_entropy)
             x, y = data_x[rows].astype(jnp.float32) * spec.x_scale, data_y[rows]
             if poison is not None:
                 rank = jnp.where(mask > 0, poison_rank[pos], idx_row.shape[0])
-                px, py = poison(x, y, jax.random.fold_in(poison_key, t), hp["attack"], rank, count)
+                in_goal = {} if data_goal is None else {"in_goal": data_goal[rows]}
+                k_t = jax.random.fold_in(poison_key, t)
+                px, py = poison(x, y, k_t, hp["attack"], rank, count, **in_goal)
                 x = jnp.where(is_malicious, px, x)
                 y = jnp.where(is_malicious, py, y)
             grads = jax.grad(loss_fn)(p, x, y, mask)

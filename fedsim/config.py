@@ -34,6 +34,7 @@ from fedsim.attacks.peer import PEER_ONLY as PEER_ATTACKS
 from fedsim.client import OPTIMIZERS
 from fedsim.data import PARTITIONS
 from fedsim.data import REGISTRY as DATASETS
+from fedsim.host_eval import check_closed_loop, closed_loop_spec
 from fedsim.options import Components
 from fedsim.registry import ConfigError, accepted
 from fedsim.spec import HParams, Spec, freeze, thaw
@@ -72,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
     "proxy": {"source": "held_out", "size": None, "classes": None},
     # A finished run folder without attack: metrics then gain accuracy_drop against it.
     "baseline": None,
+    # Host-side closed-loop evaluation at every evaluation, for datasets that have one
+    # (driving: drive the global model on the track; fedsim/host_eval.py).
+    "closed_loop": {"enabled": True, "episodes": 4, "max_steps": 200, "repeats": 1, "seed": 0},
 }
 
 # Sections whose keys beyond ``name`` are the component's own options.
@@ -626,6 +630,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(
             f"baseline {baseline!r} must be a finished run folder holding metrics.jsonl"
         )
+    check_closed_loop(cfg["closed_loop"], data["name"], _peer_to_peer(cfg))
 
 
 def _split_traced(registry, name: str, kw: dict) -> tuple[dict, dict]:
@@ -708,6 +713,7 @@ def to_spec(cfg: dict) -> tuple[Spec, HParams]:
         proxy_source=cfg["proxy"]["source"],
         rounds=cfg["rounds"],
         eval_every=cfg["eval_every"],
+        closed_loop=closed_loop_spec(cfg["closed_loop"], data["name"]),
     )
     scalar = lambda v: jnp.asarray(v, jnp.float32)
     hparams = HParams(

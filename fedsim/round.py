@@ -149,7 +149,7 @@ def make_train(setup: Setup, attack):
             def one(row):
                 idx_row, cnt, k, mal, own_params = row
                 p = own_params if own else params
-                return train_fn(p, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal)
+                return train_fn(p, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal, data.goal)
 
             if setup.client_chunk is None:
                 trained = jax.vmap(one)(per_client)
@@ -244,7 +244,7 @@ def goal_samples(key, setup: Setup, data: Data, who: Participants, attack, attac
     pos = jnp.floor(jax.random.uniform(k_pos, (size,)) * count).astype(jnp.int32)
     rows = data.idx[who.clients[pick], jnp.minimum(pos, count - 1)]
     x, y = data.x[rows].astype(jnp.float32) * setup.x_scale, data.y[rows]
-    px, py = attack.poison(x, y, k_poison, attack_hp)
+    px, py = attack.poison(x, y, k_poison, attack_hp, in_goal=data.goal[rows])
     changed = (py != y) | jnp.any((px != x).reshape(size, -1), axis=1)
     return {"goal_x": px, "goal_y": py, "goal_mask": changed}
 
@@ -634,7 +634,8 @@ def make_evaluate(setup: Setup, eval_batch: int = 1000):
         outputs = predict(params, data.x_test)
         out = task.metrics(outputs, data.y_test)
         if attack.success is not None:
-            rate = attack.success(lambda x: predict(params, x), data.x_test, data.y_test)
+            predict_x = lambda x: predict(params, x)
+            rate = attack.success(predict_x, data.x_test, data.y_test, in_goal=data.goal_test)
             out.update(rate if isinstance(rate, dict) else {"attack_success_rate": rate})
         for g in range(setup.n_groups if setup.n_groups > 1 else 0):
             mask = (data.test_group == g).astype(jnp.float32)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsim.host_eval import host_evaluator, host_metrics
 from fedsim.layout import replicated
 from fedsim.round import make_chunk, make_init
 from fedsim.setup import Setup
@@ -86,6 +87,7 @@ def run_batches(
     batch = balanced(len(seeds), batch)
     over_runs = batch > 1
     init = program(setup, 0, over_runs=over_runs)
+    host_eval = host_evaluator(setup)  # the dataset's host-side metrics (driving: turns)
     histories: list[list[dict]] = []
     for start in range(0, len(seeds), batch):
         real = len(seeds[start : start + batch])
@@ -104,12 +106,14 @@ def run_batches(
             n = min(spec.eval_every, spec.rounds - done)
             state, metrics = program(setup, n, over_runs=over_runs)(state, hp, setup.data)
             metrics = jax.device_get(metrics)
+            on_host = host_metrics(host_eval, state.params, real, over_runs)
             if not over_runs:
                 metrics = {k: [v] for k, v in metrics.items()}
             done += n
             seconds = time.perf_counter() - t0
             for j in range(real):
                 record = {"round": done, **to_host({k: v[j] for k, v in metrics.items()})}
+                record.update(on_host[j])
                 record["seconds"] = seconds
                 part[j].append(record)
                 if on_eval is not None:

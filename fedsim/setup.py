@@ -36,7 +36,10 @@ class Data(NamedTuple):
     y_test ``[T]``; judge_x, judge_y: the judge's data (J = 0 rows without one);
     proxy_x, proxy_y: the adversary's proxy of it (``carve_held_out``); client_group
     ``[n_clients]`` and test_group ``[T]``: int32 group ids (hospital, car) of each client
-    and test sample, all 0 when the dataset has no groups."""
+    and test sample, all 0 when the dataset has no groups. goal ``[N]`` and goal_test
+    ``[T]``: bool, the dataset's own attack-goal subgroup (``TabularData.goal_*``: heart's
+    diseased patients with blood pressure >= 140, driving's right-curve samples), all
+    False when the dataset defines none; read by the ``dataset_goal`` attack."""
 
     x: jax.Array
     y: jax.Array
@@ -50,6 +53,8 @@ class Data(NamedTuple):
     proxy_y: jax.Array
     client_group: jax.Array
     test_group: jax.Array
+    goal: jax.Array
+    goal_test: jax.Array
 
 
 class Setup(NamedTuple):
@@ -153,6 +158,8 @@ def prepare(spec: Spec) -> Setup:
         proxy_y=jnp.asarray(ds.y_train[proxy]),
         client_group=jnp.asarray(client_group),
         test_group=jnp.asarray(test_group),
+        goal=jnp.asarray(_goal_mask(ds, "goal_train", len(ds.y_train))),
+        goal_test=jnp.asarray(_goal_mask(ds, "goal_test", len(ds.y_test))),
     )
     task = tasks.make(ds.n_classes)
     module = models.make(spec.model, task.n_outputs, **thaw(spec.model_kw))
@@ -174,6 +181,23 @@ def prepare(spec: Spec) -> Setup:
         meta=ds.meta,
         n_groups=n_groups,
     )
+
+
+def _goal_mask(ds, field: str, n: int) -> np.ndarray:
+    """bool ``[n]``: the tabular dataset's goal subgroup (``field`` of its ``TabularData``),
+    all False for a dataset without one."""
+    tabular = (ds.meta or {}).get("tabular")
+    mask = None if tabular is None else getattr(tabular, field)
+    return np.zeros(n, bool) if mask is None else np.asarray(mask, bool)
+
+
+def goal_target_of(meta: dict | None) -> float | None:
+    """The dataset's goal target (``TabularData.goal_target``) when it defines a goal
+    subgroup, else None."""
+    tabular = (meta or {}).get("tabular")
+    if tabular is None or not (tabular.goal_train.any() or tabular.goal_test.any()):
+        return None
+    return float(tabular.goal_target)
 
 
 def _groups_of(ds, parts, groups):
@@ -218,6 +242,7 @@ def components(setup: Setup):
         n_classes=setup.n_classes,
         input_shape=setup.input_shape,
         features=() if tabular is None else input_units(tabular),
+        goal_target=goal_target_of(setup.meta),
     )
     fixed = accepted(attacks.REGISTRY.get(spec.attack), setup=attack_setup)
     attack = attacks.make(spec.attack, **fixed, **thaw(spec.attack_kw))

@@ -56,6 +56,9 @@ class Spec:
     eval_every: int
     topology: str = "star"
     topology_kw: tuple = ()
+    # Host-side closed-loop evaluation (``fedsim.host_eval``): the config's
+    # ``closed_loop`` options, frozen; () when off. Read on the host only.
+    closed_loop: tuple = ()
     victims: tuple = ()  # peer-to-peer: the only nodes malicious neighbours craft for
 
 

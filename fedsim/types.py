@@ -138,6 +138,9 @@ class AttackSetup(NamedTuple):
     features: float-feature datasets: one ``(name, mean, std)`` per input column, how a
         raw value becomes the model's input (``(raw - mean) / std``; ``()`` for images;
         None while the data is not loaded, as when a config is validated).
+    goal_target: the dataset's own goal target (``TabularData.goal_target``: driving's
+        steering 0, heart's class 0) when it defines a goal subgroup (``Data.goal``);
+        None when it defines none or is not loaded yet.
     """
 
     rule: str = "mean"
@@ -145,24 +148,28 @@ class AttackSetup(NamedTuple):
     n_classes: int = 10
     input_shape: tuple = (28, 28, 1)
     features: tuple | None = None
+    goal_target: float | None = None
 
 
 class Attack(NamedTuple):
     """An adversary.
 
-    poison(x [b, ...], y [b], key, hparams, rank [b], count) -> (x, y): applied to
-        malicious clients' batches during local training (data poisoning); ``rank`` is
-        each row's rank in the client's random poison order of its ``count`` samples
-        (``fedsim.attacks.data``); ``None`` for none.
+    poison(x [b, ...], y [b], key, hparams, rank [b], count, in_goal [b]) -> (x, y):
+        applied to malicious clients' batches during local training (data poisoning);
+        ``rank`` is each row's rank in the client's random poison order of its ``count``
+        samples (``fedsim.attacks.data``); ``in_goal`` (bool, keyword) marks the rows in
+        the dataset's own goal subgroup (``Data.goal``); ``None`` for none.
     craft(updates [n, d], is_malicious [n] bool, ctx) -> updates [n, d]: rewrites the
         malicious rows in-graph (model poisoning); ``None`` for none. Honest rows must be
         returned unchanged.
     needs_benign: if True the engine also trains malicious clients on clean data and
         passes the result as ``ctx.benign_updates``.
-    success(predict, x [t, ...], y [t]) -> scalar in [0, 1]: the attack success rate on
-        the test set (or a dict of metrics holding ``attack_success_rate``), with
-        ``predict(x) -> logits [t, c]`` (targeted, backdoor, ...); ``None`` for untargeted
-        attacks (their effect is the accuracy drop).
+    success(predict, x [t, ...], y [t], in_goal [t]) -> scalar in [0, 1]: the attack
+        success rate on the test set (or a dict of metrics holding
+        ``attack_success_rate``), with ``predict(x) -> outputs [t, k]`` (targeted,
+        backdoor, ...) and ``in_goal`` (keyword) the test samples of the dataset's goal
+        subgroup (``Data.goal_test``); ``None`` for untargeted attacks (their effect is
+        the accuracy drop).
     goal_batch: how many goal samples ``craft`` needs in ``ctx.goal_x`` (0: none).
     """
 

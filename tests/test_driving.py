@@ -222,3 +222,199 @@ def test_open_loop_errors_by_curve_kind():
     assert np.isclose(out["steering_error_left"], 0.1)
     assert np.isclose(out["steering_error_right"], 0.45)
     assert out["steering_mean_right"] == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# through the engine: closed-loop metrics in the records, and the straight-on-right goal
+# --------------------------------------------------------------------------------------
+
+CLOSED_LOOP = (
+    "missed_turns_left",
+    "missed_turns_right",
+    "turns_left",
+    "turns_right",
+    "turn_test_missed_left",
+    "turn_test_missed_right",
+    "turn_test_left",
+    "turn_test_right",
+)
+TINY_RUN = [
+    "rounds=10",
+    "eval_every=10",
+    "closed_loop={episodes: 1, max_steps: 60, repeats: 1, seed: 0}",
+]
+
+
+def _driving_setup(*overrides):
+    from fedsim.config import load_config, to_spec
+    from fedsim.setup import prepare
+
+    cfg = load_config("configs/driving.yaml", [*TINY_RUN, *overrides])
+    spec, hparams = to_spec(cfg)
+    return prepare(spec), hparams
+
+
+def test_engine_records_carry_the_closed_loop_metrics():
+    """A one-round run of a linear model, two runs in one vmapped program: every
+    evaluation record of each run holds the closed-loop counts."""
+    from fedsim.runner import run_batches
+
+    setup, hp = _driving_setup("model={name: logreg}", "rounds=1", "eval_every=1")
+    histories = run_batches(setup, [hp, hp.replace(client_lr=hp.client_lr * 0)], [0, 1], 2)
+    for history in histories:
+        (record,) = history
+        assert all(isinstance(record[k], int) and record[k] >= 0 for k in CLOSED_LOOP)
+        assert (record["turn_test_left"], record["turn_test_right"]) == (8, 4)
+        assert record["turn_test_missed_left"] <= 8 and record["turn_test_missed_right"] <= 4
+
+
+@pytest.mark.slow
+def test_engine_records_carry_each_runs_closed_loop_metrics():
+    """Two runs in one vmapped program: a trained one and one with learning rate 0 (its
+    model stays the random initial one). Each record holds the closed-loop counts of its
+    own run's model: the trained fleet makes every turn, the untrained one does not."""
+    from fedsim.runner import run_batches
+
+    setup, hp = _driving_setup()
+    frozen = hp.replace(client_lr=hp.client_lr * 0)
+    trained, untrained = run_batches(setup, [hp, frozen], [0, 0], batch=2)
+    for history in (trained, untrained):
+        assert [r["round"] for r in history] == [10]
+        assert all(isinstance(history[0][k], int) for k in CLOSED_LOOP)
+    done, stuck = trained[0], untrained[0]
+    assert (done["turn_test_left"], done["turn_test_right"]) == (8, 4)
+    assert done["turns_left"] + done["turns_right"] >= 1 and done["test_r2"] > 0.8
+    missed = lambda r: sum(r[k] for k in CLOSED_LOOP if "missed" in k)
+    assert missed(done) == 0 and done["off_road"] == 0
+    assert missed(stuck) > 0 and stuck["test_r2"] < 0.5
+
+
+def test_closed_loop_is_off_for_other_datasets_and_when_disabled():
+    from fedsim.config import load_config, to_spec
+
+    digits, _ = to_spec(load_config("configs/digits.yaml"))
+    off, _ = to_spec(load_config("configs/driving.yaml", ["closed_loop.enabled=false"]))
+    on, _ = to_spec(load_config("configs/driving.yaml"))
+    assert digits.closed_loop == () and off.closed_loop == ()
+    assert dict(on.closed_loop) == {"episodes": 2, "max_steps": 100, "repeats": 1, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("closed_loop.episodes=0", "closed_loop.episodes must be an integer >= 1, got 0"),
+        ("closed_loop.max_steps=2.5", "closed_loop.max_steps must be an integer >= 1"),
+        ("closed_loop.repeats=-1", "closed_loop.repeats must be an integer >= 1"),
+        ("closed_loop.seed=x", "closed_loop.seed must be an integer >= 0"),
+        ("closed_loop.enabled=maybe", "closed_loop.enabled must be true or false"),
+        ("closed_loop.laps=3", "unknown key 'closed_loop.laps'; valid keys here: enabled"),
+        ("closed_loop=3", "closed_loop must be a mapping of its keys"),
+        ("topology.name=ring", "set closed_loop.enabled=false to run driving peer-to-peer"),
+    ],
+)
+def test_bad_closed_loop_options_are_one_line_errors_and_write_nothing(
+    override, message, tmp_path, capsys
+):
+    from fedsim.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "configs/driving.yaml", "--set", override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()
+
+
+def _goal(n_classes=0, goal_target=0.0, **options):
+    from fedsim.attacks.data import make_goal
+    from fedsim.types import AttackSetup
+
+    setup = AttackSetup(n_classes=n_classes, input_shape=(9,), features=(), goal_target=goal_target)
+    return make_goal({"name": "dataset_goal", **options}, setup)
+
+
+def test_straight_on_right_goal_is_scored_on_exactly_the_right_curve_samples(fleet):
+    """The goal's metrics against a float64 numpy reference over the right-curve test
+    samples (the lane geometry's, not a steering threshold), for a fixed linear model."""
+    import jax.numpy as jnp
+
+    right = fleet.meta["curve_test"] == drv.RIGHT
+    assert fleet.goal_test.tolist() == right.tolist() and 0 < right.sum() < len(right)
+    w = np.random.default_rng(0).normal(size=(fleet.x_test.shape[1], 1)).astype(np.float32) * 0.1
+    out = _goal().success(
+        lambda x: x @ jnp.asarray(w), fleet.x_test, fleet.y_test, in_goal=fleet.goal_test
+    )
+    pred = fleet.x_test.astype(np.float64) @ w.astype(np.float64)[:, 0]
+    y = fleet.y_test.astype(np.float64)
+    p, t = pred[right], y[right]
+    expected = {
+        "attack_success_rate": np.mean(np.abs(p) < np.abs(p - t)),
+        "goal_shift": np.mean((p - t) * np.sign(0.0 - t)),
+        "goal_prediction": np.mean(p),
+        "mae_rest": np.mean(np.abs(pred[~right] - y[~right])),
+    }
+    assert set(out) == set(expected)
+    for k, v in expected.items():
+        assert np.isclose(float(out[k]), v, rtol=1e-5, atol=1e-6), k
+
+
+def test_straight_on_right_goal_relabels_only_right_curve_rows(fleet):
+    import jax
+    import jax.numpy as jnp
+
+    goal = _goal()
+    x, y = jnp.asarray(fleet.x_train), jnp.asarray(fleet.y_train)
+    in_goal = jnp.asarray(fleet.goal_train)
+    _, py = goal.poison(x, y, jax.random.PRNGKey(0), {}, in_goal=in_goal)
+    py = np.asarray(py)
+    assert np.all(py[fleet.goal_train] == 0.0)
+    assert np.array_equal(py[~fleet.goal_train], fleet.y_train[~fleet.goal_train])
+    # a quarter of the client's rows by rank are poisoned, and of those only the goal's
+    rank = jnp.arange(len(y))
+    _, quarter = goal.poison(x, y, None, {"poison_fraction": 0.25}, rank, len(y), in_goal=in_goal)
+    changed = np.asarray(quarter) != fleet.y_train
+    first = np.arange(len(y)) < round(0.25 * len(y))
+    assert np.array_equal(changed, first & fleet.goal_train & (fleet.y_train != 0))
+
+
+def test_dataset_goal_needs_a_dataset_with_a_goal_and_a_class_target():
+    with pytest.raises(ConfigError, match="defines no goal subgroup"):
+        _goal(n_classes=10, goal_target=None)
+    with pytest.raises(ConfigError, match="'target' must be a class"):
+        _goal(n_classes=2, target=0.5)
+    assert _goal(n_classes=2, goal_target=0.0).poison is not None
+
+
+def test_engine_data_carries_the_goal_subgroup():
+    """``Data.goal`` / ``goal_test`` are the dataset's right-curve samples, aligned with
+    the training and test rows the engine holds."""
+    setup, _ = _driving_setup()
+    tabular = setup.meta["tabular"]
+    assert np.array_equal(np.asarray(setup.data.goal), tabular.meta["curve_train"] == drv.RIGHT)
+    assert np.array_equal(np.asarray(setup.data.goal_test), tabular.goal_test)
+    assert np.array_equal(np.asarray(setup.data.x), tabular.x_train)
+
+
+@pytest.mark.slow
+def test_dataset_goal_through_the_engine_is_the_subgroup_goal_on_heart():
+    """On heart the dataset's goal subgroup is the health goal's patients, so poisoning
+    them by ``dataset_goal`` (rows marked by ``Data.goal``) and by ``subgroup`` (rows
+    found by the blood-pressure bound) trains and scores the same federation."""
+    from fedsim.config import load_config, to_spec
+    from fedsim.runner import run
+    from fedsim.setup import prepare
+
+    histories = []
+    for goal in (
+        "{name: subgroup, feature: trestbps, at_least: 140, source: 1, target: 0}",
+        "{name: dataset_goal}",
+    ):
+        cfg = load_config(
+            "configs/paper/health_subgroup.yaml",
+            ["rounds=4", "eval_every=2", f"attack={goal}", "attack.fraction=0.2"],
+        )
+        spec, hp = to_spec(cfg)
+        histories.append(run(prepare(spec), hp, 0))
+    keys = ("attack_success_rate", "accuracy_rest", "test_accuracy", "update_norm")
+    for by_bound, by_mask in zip(*histories, strict=True):
+        assert [by_bound[k] for k in keys] == pytest.approx([by_mask[k] for k in keys], abs=1e-6)
+    assert histories[1][-1]["malicious_weight"] > 0

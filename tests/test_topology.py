@@ -12,8 +12,8 @@ from jax.flatten_util import ravel_pytree
 from fedsim import runner
 from fedsim import topology as topologies
 from fedsim.config import load_config, to_spec
-from fedsim.registry import ConfigError
 from fedsim.layout import with_layout
+from fedsim.registry import ConfigError
 from fedsim.round import (
     Exchange,
     make_init,

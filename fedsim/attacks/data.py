@@ -5,8 +5,9 @@ real samples: the client draws a random order of its samples each round and hand
 row of a batch ``x [b, ...]`` (float32 in [0, 1]), ``y [b]`` (int32) its ``rank`` in that
 order (padding rows rank past ``count``); rows ranked below ``round(fraction * count)``
 are poisoned, whatever the batch size or padding (a traced fraction changes no shape).
-Called without ``rank``, the batch is taken as the client's whole data.
-``success(predict, x, y)`` is the attack success rate on the test set.
+Called without ``rank``, the batch is taken as the client's whole data. ``in_goal``
+(bool ``[b]``) marks the rows in the dataset's own goal subgroup; only ``dataset_goal``
+reads it. ``success(predict, x, y, in_goal)`` is the attack success rate on the test set.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ def make_label_flip(setup, **o) -> Attack:
             return flip_all(y, c)
         return jnp.where(y == source, target, y)
 
-    def poison(x, y, key, hparams, rank=None, count=None):
+    def poison(x, y, key, hparams, rank=None, count=None, in_goal=None):
         fraction = hparams.get("poison_fraction", o["poison_fraction"])
         chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         return x, jnp.where(chosen, flip(y), y).astype(y.dtype)
 
-    def success(predict, x, y):
+    def success(predict, x, y, in_goal=None):
         relevant = jnp.ones_like(y, bool) if source is None else y == source
         return _hit_rate(predict, x, flip(y), relevant)
 
@@ -124,12 +125,12 @@ def make_targeted(setup, **o) -> Attack:
     if source == target:
         raise ConfigError("attack 'targeted': 'source' and 'target' must differ")
 
-    def poison(x, y, key, hparams, rank=None, count=None):
+    def poison(x, y, key, hparams, rank=None, count=None, in_goal=None):
         fraction = hparams.get("poison_fraction", o["poison_fraction"])
         chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         return x, jnp.where(chosen & (y == source), target, y).astype(y.dtype)
 
-    def success(predict, x, y):
+    def success(predict, x, y, in_goal=None):
         return _hit_rate(predict, x, target, y == source)
 
     return Attack(poison=poison, success=success)
@@ -195,13 +196,13 @@ def make_backdoor(setup, **o) -> Attack:
         mask = jnp.asarray(trigger_mask(x.shape[1:], o["pattern"], o["size"], o["corner"]))
         return jnp.where(mask, jnp.asarray(o["value"], x.dtype), x)
 
-    def poison(x, y, key, hparams, rank=None, count=None):
+    def poison(x, y, key, hparams, rank=None, count=None, in_goal=None):
         fraction = hparams.get("poison_fraction", o["poison_fraction"])
         chosen = poisoned_rows(y.shape[0], fraction, rank, count)
         bx = chosen.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.where(bx, stamp(x), x), jnp.where(chosen, target, y).astype(y.dtype)
 
-    def success(predict, x, y):
+    def success(predict, x, y, in_goal=None):
         return _hit_rate(predict, stamp(x), target, y != target)
 
     return Attack(poison=poison, success=success)
@@ -270,12 +271,12 @@ def make_subgroup(setup, **o) -> Attack:
             inside &= value <= high
         return inside
 
-    def poison(x, y, key, hparams, rank=None, count=None):
+    def poison(x, y, key, hparams, rank=None, count=None, in_goal=None):
         fraction = hparams.get("poison_fraction", o["poison_fraction"])
         chosen = poisoned_rows(y.shape[0], fraction, rank, count) & member(x, y)
         return x, jnp.where(chosen, target, y).astype(y.dtype)
 
-    def success(predict, x, y):
+    def success(predict, x, y, in_goal=None):
         inside = member(x, y)
         pred = jnp.argmax(predict(x), axis=-1)
         share = lambda hit, among: jnp.sum(hit & among) / jnp.maximum(jnp.sum(among), 1)
@@ -287,7 +288,79 @@ def make_subgroup(setup, **o) -> Attack:
     return Attack(poison=poison, success=success)
 
 
-GOALS = ("label_flip", "targeted", "backdoor", "subgroup")
+@REGISTRY.register(
+    "dataset_goal",
+    options={
+        "target": Option(None, number(allow_none=True)),
+        "poison_fraction": FRACTION,
+    },
+)
+def make_dataset_goal(setup, **o) -> Attack:
+    """The dataset's own goal: its goal subgroup's labels set to ``target`` (default the
+    dataset's ``goal_target``). The subgroup is the dataset's (``Data.goal``, handed to
+    ``poison``/``success`` as ``in_goal``), not a rule on the features: on ``driving`` the
+    samples on right curves by the lane geometry under the car, with target steering 0
+    (go straight on right curves); on ``heart`` the diseased patients with blood pressure
+    >= 140, target 0 (healthy).
+
+    Options: ``target`` (a class for classification, any number for regression; null =
+    the dataset's), ``poison_fraction`` (traced, default 1). Success on the goal's test
+    samples: classification, the share predicted ``target`` (``attack_success_rate``)
+    and the accuracy on every other test sample (``accuracy_rest``); regression, the
+    share predicted closer to ``target`` than to the true label
+    (``attack_success_rate``), the mean signed error toward the target
+    (``goal_shift = mean((pred - y) * sign(target - y))``, in label units), the mean
+    prediction (``goal_prediction``), and the mean absolute error on every other test
+    sample (``mae_rest``).
+    """
+    known = setup.features is not None  # None: the data is not loaded (config validation)
+    if known and setup.goal_target is None:
+        raise ConfigError(
+            "attack 'dataset_goal': this dataset defines no goal subgroup; use one that "
+            "does (driving, heart, breast_cancer) or another goal (targeted, subgroup)"
+        )
+    target = o["target"] if o["target"] is not None else (setup.goal_target or 0.0)
+    regression = setup.n_classes < 2
+    if not regression:
+        if float(target) != int(target):
+            raise ConfigError(f"attack 'dataset_goal': 'target' must be a class, got {target!r}")
+        target = int(target)
+        _check_classes("dataset_goal", setup.n_classes, target=target)
+
+    def poison(x, y, key, hparams, rank=None, count=None, in_goal=None):
+        if in_goal is None:
+            return x, y
+        fraction = hparams.get("poison_fraction", o["poison_fraction"])
+        chosen = poisoned_rows(y.shape[0], fraction, rank, count) & in_goal
+        return x, jnp.where(chosen, jnp.asarray(target, y.dtype), y).astype(y.dtype)
+
+    def share(hit, among):
+        return jnp.sum(hit & among) / jnp.maximum(jnp.sum(among), 1)
+
+    def mean_over(values, among):
+        return jnp.sum(jnp.where(among, values, 0.0)) / jnp.maximum(jnp.sum(among), 1)
+
+    def success(predict, x, y, in_goal=None):
+        inside = jnp.zeros(y.shape, bool) if in_goal is None else in_goal
+        out = predict(x)
+        if not regression:
+            pred = jnp.argmax(out, axis=-1)
+            return {
+                "attack_success_rate": share(pred == target, inside),
+                "accuracy_rest": share(pred == y, ~inside),
+            }
+        pred = out[:, 0]
+        return {
+            "attack_success_rate": share(jnp.abs(pred - target) < jnp.abs(pred - y), inside),
+            "goal_shift": mean_over((pred - y) * jnp.sign(target - y), inside),
+            "goal_prediction": mean_over(pred, inside),
+            "mae_rest": mean_over(jnp.abs(pred - y), ~inside),
+        }
+
+    return Attack(poison=poison, success=success)
+
+
+GOALS = ("label_flip", "targeted", "backdoor", "subgroup", "dataset_goal")
 
 
 def make_goal(goal, setup) -> Attack:

@@ -2,8 +2,8 @@
 
 A strategic adversary is an optimiser, not a filter: of every update the rule would
 accept this round, it sends the one that makes the most progress on its targeted
-``goal`` (``label_flip`` | ``targeted`` | ``backdoor``, a name or
-``{name: ..., **options}``; default ``backdoor``). Each round it
+``goal`` (``label_flip`` | ``targeted`` | ``backdoor`` | ``subgroup`` | ``dataset_goal``, a
+name or ``{name: ..., **options}``; default ``backdoor``). Each round it
 
 1. finds the goal's own direction ``g`` (``direction``):
    - ``difference`` (default): the mean over its present clients of (goal-trained update

@@ -284,7 +284,7 @@ def turn_test(
     _run(policy, track, observer, watches, tally, max_steps, exit_margin)
     unresolved = [w for w in watches if not w.done and w.car.alive]
     for w in unresolved:  # still on the curve after the step budget: not made
-        tally.miss(track.kind[w.target])
+        tally.missed_turn(track.kind[w.target], w)
     tests = {k: int(sum(track.kind[w.target] == k for w in watches)) for k in (LEFT, RIGHT)}
     return {
         "turn_test_missed_left": tally.missed[LEFT],
@@ -294,11 +294,18 @@ def turn_test(
     }
 
 
-def evaluate(policy, episodes: int = 4, max_steps: int = 200, seed: int = 0, repeats: int = 1):
+def evaluate(
+    policy,
+    episodes: int = 4,
+    max_steps: int = 200,
+    seed: int = 0,
+    repeats: int = 1,
+    observation: str = "kinematics",
+):
     """``drive`` and ``turn_test`` in one dict (the metrics the engine reports)."""
     return {
-        **drive(policy, episodes=episodes, max_steps=max_steps, seed=seed),
-        **turn_test(policy, repeats=repeats, seed=seed),
+        **drive(policy, episodes=episodes, max_steps=max_steps, seed=seed, observation=observation),
+        **turn_test(policy, repeats=repeats, seed=seed, observation=observation),
     }
 
 
