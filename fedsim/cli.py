@@ -184,6 +184,10 @@ def cmd_list() -> int:
     ]:
         print(f"{title}: {', '.join(reg.names())}")
     print("datasets also: tfds:<name> for any prepared tensorflow-datasets image set")
+    for name in REGISTRY.names():
+        meta = REGISTRY.meta(name)
+        if "source" in meta:
+            print(f"  {name}: {meta['source']}, {meta.get('task', 'classification')}")
     return 0
 
 

