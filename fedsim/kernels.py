@@ -50,6 +50,12 @@ def present_mask(weights: jax.Array) -> jax.Array:
     return weights > 0
 
 
+# A node's neighbourhood (peer-to-peer, vmapped over nodes) has few rows: there a product
+# with a handful of rows becomes a batched matrix-vector product XLA:CPU runs far slower
+# than the elementwise form, which fuses into one pass (bench/peer.py measures it).
+FEW_ROWS = 32
+
+
 def finite_rows(updates: jax.Array) -> jax.Array:
     """``[n]`` bool: rows with only finite entries.
 
@@ -57,6 +63,8 @@ def finite_rows(updates: jax.Array) -> jax.Array:
     (0 * inf = NaN) and cannot overflow; as a matrix-vector product it reads the rows
     once, faster on XLA:CPU than reducing an ``isfinite`` mask over each row.
     """
+    if updates.shape[0] <= FEW_ROWS:
+        return jnp.all(jnp.isfinite(updates), axis=1)
     return jnp.isfinite(dot(updates, jnp.zeros(updates.shape[1], updates.dtype)))
 
 
@@ -91,6 +99,8 @@ def combine(coef: jax.Array, x: jax.Array, keep: jax.Array, finite=None) -> jax.
     the whole matrix).
     """
     coef = jnp.where(keep, coef, 0).astype(x.dtype)
+    if x.shape[0] <= FEW_ROWS:
+        return jnp.sum(coef[..., :, None] * jnp.where(keep[:, None], x, 0), axis=-2)
     safe = keep if finite is None else keep | finite
     width = block_width(x.shape[0], PASS_ENTRIES, 256, x.shape[1])
 
@@ -119,6 +129,9 @@ def row_sq_norms(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
     again are zeroed first: ``inf * 0`` would be NaN). Without one, the row reduction
     measured as fast or faster."""
     n, d = x.shape
+    if n <= FEW_ROWS:  # a neighbourhood: one fused pass (see FEW_ROWS)
+        diff = x if center is None else x - center[None]
+        return jnp.sum(diff * diff, axis=1)
 
     def fn(xb, fresh, *center_block):
         if center_block:
