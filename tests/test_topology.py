@@ -37,6 +37,15 @@ BASE = [
     "eval_every=2",
 ]
 
+# A 4 x 4 torus, median at every node, an ALIE adversary crafting per recipient.
+TORUS_ALIE = [
+    "data.n_clients=16",
+    "client.participants=16",
+    "topology.name=torus",
+    "aggregator.name=median",
+    "attack={name: alie, fraction: 0.25}",
+]
+
 
 def _setup(*overrides):
     spec, hp = to_spec(load_config(None, [*BASE, *overrides]))
@@ -282,14 +291,7 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     all 16 rows with weight 0 for non-neighbours."""
     import fedsim.round as rounds
 
-    over = [
-        "data.n_clients=16",
-        "client.participants=16",
-        "topology.name=torus",
-        "aggregator.name=median",
-        "attack={name: alie, fraction: 0.25}",
-    ]
-    setup, hp = _setup(*over)
+    setup, hp = _setup(*TORUS_ALIE)
     assert rounds.topology_of(setup.spec).gather is not None
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     gathered, m_gathered = jax.jit(make_round(setup))(state, hp, setup.data)
@@ -424,14 +426,7 @@ def test_an_honest_clique_out_of_the_attackers_reach_never_hears_them(tmp_path):
 def test_nodes_aggregated_in_chunks_equal_all_at_once():
     """The memory planner's node chunk (here 4 of 16 torus nodes at a time, median, an
     ALIE adversary) changes nothing but how many neighbourhoods are held at once."""
-    over = [
-        "data.n_clients=16",
-        "client.participants=16",
-        "topology.name=torus",
-        "aggregator.name=median",
-        "attack={name: alie, fraction: 0.25}",
-    ]
-    setup, hp = _setup(*over)
+    setup, hp = _setup(*TORUS_ALIE)
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     whole, m_whole = jax.jit(make_round(setup))(state, hp, setup.data)
     chunked_setup = with_layout(setup, client_chunk=4)
