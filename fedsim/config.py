@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "rounds": 100,
     "eval_every": 10,
+    # Save the run state (fedsim run, fedsim sweep) at the first evaluation at least this
+    # many rounds after the last save, and on SIGTERM; 0: on SIGTERM only (fedsim/checkpoint.py).
+    "checkpoint_every": 100,
     "data": {
         "name": "mnist",
         "source": "bundled",
@@ -557,6 +560,7 @@ def validate(cfg: dict) -> None:
     every = _int(cfg, "eval_every")
     if every > rounds:
         raise ConfigError(f"eval_every ({every}) must be at most rounds ({rounds})")
+    _int(cfg, "checkpoint_every", low=0)
     data = cfg["data"]
     if not (str(data["name"]).startswith("tfds:") or data["source"] == "tfds"):
         DATASETS.get(data["name"])

@@ -74,6 +74,7 @@ def run_batches(
     batch: int = 1,
     on_eval: Callable | None = None,
     on_batch: Callable | None = None,
+    checkpoints=None,
 ) -> list[list[dict]]:
     """Run every (hparams[i], seeds[i]); ``batch`` runs at a time as one vmapped program
     (the last batch is padded by repeating its last run, so one compile serves all; one
@@ -82,7 +83,9 @@ def run_batches(
 
     ``on_eval(i, record)`` receives each evaluation of run ``i`` as it comes
     (``{"round", **metrics, "seconds"}``); ``on_batch(first, histories, seconds)`` each
-    finished batch (so a kill loses only the batch in flight). Returns every history."""
+    finished batch (so a kill loses only the batch in flight). ``checkpoints``
+    (``fedsim.checkpoint.Checkpoints``) resumes each batch from its latest checkpoint and
+    saves it at evaluations. Returns every history."""
     spec = setup.spec
     batch = balanced(len(seeds), batch)
     over_runs = batch > 1
@@ -98,10 +101,13 @@ def run_batches(
         else:
             hp, keys = hparams[idx[0]], jax.random.PRNGKey(seeds[idx[0]])
         state = init(keys, hp)
-        if setup.mesh is not None:
-            state = jax.device_put(state, replicated(setup.mesh))
         part: list[list[dict]] = [[] for _ in range(real)]
         done, t0 = 0, time.perf_counter()
+        saver = None if checkpoints is None else checkpoints.batch(idx)
+        if saver is not None:
+            state, part, done, t0 = saver.resume(state, part, done, t0)
+        if setup.mesh is not None:
+            state = jax.device_put(state, replicated(setup.mesh))
         while done < spec.rounds:
             n = min(spec.eval_every, spec.rounds - done)
             state, metrics = program(setup, n, over_runs=over_runs)(state, hp, setup.data)
@@ -118,16 +124,21 @@ def run_batches(
                 part[j].append(record)
                 if on_eval is not None:
                     on_eval(start + j, record)
+            if saver is not None:
+                saver.after_eval(state, part, done, seconds)
         if on_batch is not None:
             on_batch(start, part, time.perf_counter() - t0)
         histories.extend(part)
     return histories
 
 
-def run(setup: Setup, hparams: HParams, seed: int, on_eval: Callable | None = None) -> list[dict]:
-    """One run's history; ``on_eval(record)`` is called on the host after each chunk."""
+def run(
+    setup: Setup, hparams: HParams, seed: int, on_eval: Callable | None = None, checkpoints=None
+) -> list[dict]:
+    """One run's history; ``on_eval(record)`` is called on the host after each chunk;
+    ``checkpoints`` as in ``run_batches``."""
     report = None if on_eval is None else (lambda _, record: on_eval(record))
-    return run_batches(setup, [hparams], [seed], 1, on_eval=report)[0]
+    return run_batches(setup, [hparams], [seed], 1, report, checkpoints=checkpoints)[0]
 
 
 def summarize(history: list[dict], main_metric: str = "test_accuracy") -> dict:

@@ -11,6 +11,10 @@ A sweep file is a mapping::
       attack.z: [0.5, 1.0]         # mappings each advanced on its own); every list of a
       server.lr: [1.0, 0.5]        # mapping has the same length
     seeds: 3                       # an int n (seeds 0..n-1) or a list of seeds
+    quick:                         # optional: the reduced form (``--quick``), see ``quick_doc``
+      set: {rounds: 10}            # dotted config keys set on the base
+      grid: {client.lr: [0.1]}     # grid lists replaced (or added), key by key
+      seeds: 1                     # zip and seeds replaced when given
 
 Every point of ``grid x zip blocks x seeds`` is one run. Its ``run_id`` is a stable hash
 of its resolved config (so a point means the same run in every sweep that contains it).
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io as _io
 import itertools
 import json
@@ -41,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from fedsim.checkpoint import Checkpoints, batch_identity, config_identity, read_meta, remove
 from fedsim.config import (
     DEFAULTS,
     _merge,
@@ -55,7 +59,8 @@ from fedsim.io import check_out_dir, write_atomic, write_json
 from fedsim.registry import ConfigError
 from fedsim.runner import balanced, run_batches, summarize
 
-SWEEP_KEYS = ("base", "grid", "zip", "seeds")
+SWEEP_KEYS = ("base", "grid", "zip", "seeds", "quick")
+QUICK_KEYS = ("set", "grid", "zip", "seeds")
 CPU_MAX_BATCH = 1  # default cap on runs per program on CPU (see run_sweep)
 
 
@@ -76,9 +81,9 @@ class Sweep:
 
 
 def run_id(cfg: dict) -> str:
-    """A stable 16-hex-digit hash of a resolved config (key order does not matter)."""
-    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A stable 16-hex-digit hash of a resolved config (key order does not matter), without
+    the keys that do not change results (``checkpoint_every``)."""
+    return config_identity(cfg)
 
 
 def _base_config(base: Any, sweep_path: Path | None) -> dict:
@@ -153,14 +158,42 @@ def _seeds(doc: dict, base_seed: int) -> list[int]:
     return seeds
 
 
-def expand(doc: Any, sweep_path: Path | None = None) -> Sweep:
-    """Expand a sweep document into validated runs (see the module docstring)."""
+def quick_doc(doc: dict, base: dict) -> tuple[dict, dict]:
+    """``(doc, base)`` with the sweep's ``quick`` block applied: ``set`` (dotted config key
+    -> value) on the base config, each ``grid`` list replacing (or adding) that key's list,
+    ``zip`` and ``seeds`` replacing the sweep's. ConfigError if there is no such block."""
+    quick = doc.get("quick")
+    if not isinstance(quick, dict) or not quick:
+        raise ConfigError(
+            "--quick: the sweep has no 'quick' block (a mapping of set, grid, zip, seeds)"
+        )
+    unknown = sorted(set(quick) - set(QUICK_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown quick key {unknown[0]!r}; valid keys: {', '.join(QUICK_KEYS)}")
+    for key, part in (("set", quick.get("set")), ("grid", quick.get("grid"))):
+        if part is not None and not isinstance(part, dict):
+            raise ConfigError(f"quick.{key} must be a mapping of dotted key -> value")
+    for key, value in (quick.get("set") or {}).items():
+        try:
+            base = set_path(base, str(key), copy.deepcopy(value))
+        except ConfigError as err:
+            raise ConfigError(f"quick.set key {key!r}: {err}") from None
+    out = {**doc, "grid": {**(doc.get("grid") or {}), **(quick.get("grid") or {})}}
+    out.update({k: quick[k] for k in ("zip", "seeds") if k in quick})
+    return out, base
+
+
+def expand(doc: Any, sweep_path: Path | None = None, quick: bool = False) -> Sweep:
+    """Expand a sweep document into validated runs (see the module docstring); ``quick``:
+    its reduced form (``quick_doc``)."""
     if not isinstance(doc, dict):
         raise ConfigError("a sweep file must hold a mapping with base, grid, zip and seeds")
     unknown = sorted(set(doc) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"unknown sweep key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)}")
     base = _merge(copy.deepcopy(DEFAULTS), _base_config(doc.get("base"), sweep_path))
+    if quick:
+        doc, base = quick_doc(doc, base)
     axes = _axes(doc)
     seeds = _seeds(doc, base["seed"])
     keys = [k for ks, _ in axes for k in ks] + ["seed"]
@@ -188,13 +221,13 @@ def expand(doc: Any, sweep_path: Path | None = None) -> Sweep:
                 continue
             ids.add(rid)
             runs.append(RunPoint(rid, run_cfg, {**point, "seed": seed}))
-    resolved = {k: v for k, v in doc.items() if k != "base"}
+    resolved = {k: v for k, v in doc.items() if k not in ("base", "quick")}
     resolved = {"base": base, **resolved}
     return Sweep(runs, keys, resolved)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and expand a sweep file."""
+def load_sweep(path: str | Path, quick: bool = False) -> Sweep:
+    """Read and expand a sweep file (``quick``: its reduced form, see ``quick_doc``)."""
     path = Path(path)
     doc = read_yaml_file(path, "sweep file")
     if doc is None:
@@ -202,7 +235,7 @@ def load_sweep(path: str | Path) -> Sweep:
             f"sweep file {str(path)!r} is empty; write base, grid, zip and seeds into it "
             "(e.g. start from a copy of configs/sweeps/digits.yaml)"
         )
-    return expand(doc, path)
+    return expand(doc, path, quick)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -252,10 +285,10 @@ def write_run(
     write_json(run_dir / "summary.json", summary)
 
 
-def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
+def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None, checkpoints=None):
     """Run every (hparams, seed) of one group through the runner's one host loop;
     ``on_chunk(1, n_rounds)`` reports progress per run and chunk, ``on_batch(first,
-    histories, seconds)`` each finished batch."""
+    histories, seconds)`` each finished batch; ``checkpoints`` as in ``run_batches``."""
     rounds = {}
 
     def on_eval(i, record):
@@ -263,7 +296,33 @@ def run_group(setup, hparams_list, seeds, batch, on_chunk=None, on_batch=None):
             on_chunk(1, record["round"] - rounds.get(i, 0))
         rounds[i] = record["round"]
 
-    return run_batches(setup, hparams_list, seeds, batch, on_eval=on_eval, on_batch=on_batch)
+    return run_batches(
+        setup, hparams_list, seeds, batch, on_eval, on_batch, checkpoints=checkpoints
+    )
+
+
+def batch_folder(out: Path, runs: list[RunPoint], idx: list[int]) -> tuple[Path, str]:
+    """``(folder, identity)`` of the checkpoints of the batch of ``runs[i] for i in idx``
+    (as ``run_batches`` pads it): ``out/checkpoints/<hash of the run ids>``. A batch formed
+    otherwise on a rerun (other runs, or another size) has another folder and starts over."""
+    identity = batch_identity([runs[i].run_id for i in idx])
+    return out / "checkpoints" / identity, identity
+
+
+def group_checkpoints(out: Path, runs: list[RunPoint], stop) -> Checkpoints:
+    """The checkpoints of one group's batches, saved at the smallest ``checkpoint_every``
+    of its runs (0 if any has 0: on SIGTERM only); ``stop`` is set by SIGTERM."""
+    every = min(r.cfg["checkpoint_every"] for r in runs)
+    locate = lambda idx: batch_folder(out, runs, idx)
+    return Checkpoints(locate, every, runs[0].cfg["rounds"], stop)
+
+
+def check_checkpoints(out: Path) -> None:
+    """Refuse (``ConfigError``) a checkpoint under ``out/checkpoints`` of another fedsim
+    version (or not matching its batch), before the sweep writes anything."""
+    root = Path(out) / "checkpoints"
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        read_meta(folder, folder.name)
 
 
 def group_runs(runs: list[RunPoint]) -> list[tuple[Any, list[RunPoint], list]]:
@@ -300,9 +359,14 @@ def run_sweep(
     mesh_devices: int | None = None,
     quiet: bool = False,
     max_batch: int | None = None,
+    stop=None,
 ) -> dict:
     """Run every unfinished run of ``sweep`` (in ``shard``) into ``out``; write results.
-    Returns counts ``{"total", "skipped", "ran", "groups"}``."""
+    The batch in flight resumes from its latest checkpoint (``out/checkpoints/``);
+    ``stop`` (a ``threading.Event``, set by SIGTERM) checkpoints it and stops. Returns
+    counts ``{"total", "skipped", "ran", "groups"}``."""
+    import threading
+
     import jax
     from tqdm import tqdm
 
@@ -332,6 +396,8 @@ def run_sweep(
         except ConfigError as err:
             point = ", ".join(f"{k}={v}" for k, v in runs[0].point.items() if k != "seed")
             raise ConfigError(f"sweep point {point or 'base'}: {err}") from None
+    check_checkpoints(out)
+    stop = threading.Event() if stop is None else stop
     if leader:
         write_atomic(out / "sweep.yaml", yaml.safe_dump(sweep.resolved, sort_keys=False))
     bar = tqdm(
@@ -366,9 +432,12 @@ def run_sweep(
             for run, history in zip(runs[first : first + len(histories)], histories, strict=True):
                 row = {**extra, "batch_seconds": seconds}
                 write_run(out / "runs" / run.run_id, run, history, row, main)
+            idx = [min(first + j, len(runs) - 1) for j in range(extra["batch"])]
+            remove(batch_folder(out, runs, idx)[0])
 
         seeds = [r.cfg["seed"] for r in runs]
-        run_group(setup, hps, seeds, plan.batch, on_chunk, on_batch=record)
+        saved = group_checkpoints(out, runs, stop)
+        run_group(setup, hps, seeds, plan.batch, on_chunk, on_batch=record, checkpoints=saved)
     bar.close()
     if leader:
         ids = {r.run_id for r in sweep.runs}

@@ -271,7 +271,7 @@ def test_a_former_traceback_is_one_line_from_a_real_process(tmp_path):
 def _fake_run(interrupt_after=None, refuse=False):
     """A stand-in for runner.run: one evaluation record per chunk, no simulation."""
 
-    def run(setup, hparams, seed, on_eval=None):
+    def run(setup, hparams, seed, on_eval=None, checkpoints=None):
         if refuse:
             raise ConfigError("refused at the first trace")
         history = []

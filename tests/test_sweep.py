@@ -15,7 +15,7 @@ import yaml
 
 from fedsim import runner
 from fedsim.cli import main
-from fedsim.config import to_spec
+from fedsim.config import load_config, to_spec
 from fedsim.registry import ConfigError
 from fedsim.report import make_report
 from fedsim.setup import prepare
@@ -226,3 +226,24 @@ def test_cli_sweep_bad_file_exit_2(tmp_path, capsys):
     assert main(["sweep", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "set twice" in capsys.readouterr().err
     assert main(["sweep", str(bad), "--shard", "2/2"]) == 2
+
+
+def test_run_ids_ignore_sections_that_do_not_change_results():
+    """A run's id hashes what changes its results: ``checkpoint_every`` never does, and
+    ``closed_loop`` only for a dataset that drives (so sweeps made before either key
+    existed keep their ids and resume)."""
+    import hashlib
+    import json
+
+    from fedsim.sweep import run_id
+
+    digits = load_config("configs/digits.yaml")
+    before = {k: v for k, v in digits.items() if k not in ("checkpoint_every", "closed_loop")}
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"), default=str)
+    assert run_id(digits) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert run_id(load_config("configs/digits.yaml", ["closed_loop.episodes=9"])) == run_id(digits)
+    driving = load_config("configs/driving.yaml")
+    assert run_id(load_config("configs/driving.yaml", ["closed_loop.episodes=9"])) != run_id(
+        driving
+    )
+    assert run_id(load_config("configs/driving.yaml", ["checkpoint_every=7"])) == run_id(driving)

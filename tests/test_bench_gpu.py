@@ -1,0 +1,59 @@
+"""bench/gpu.sh, the GPU figures script, run on the CPU at tiny sizes so it cannot rot
+(no GPU figure comes from here: the files it writes say ``"tiny": true`` and the device)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_sh(out: Path, *args: str) -> dict:
+    env = {**os.environ, "PY": sys.executable, "JAX_PLATFORMS": "cpu"}
+    cmd = ["bench/gpu.sh", "--tiny", "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("gpu_*.json")}
+
+
+def _check_common(files: dict) -> None:
+    for name, doc in files.items():
+        if name == "gpu_sweep_detail":
+            continue
+        assert doc["device_kind"] == "cpu" and doc["tiny"] is True, name
+        assert "error" not in doc, (name, doc["error"])
+    peak = files["gpu_peak"]
+    assert peak["matmul_gflops"] > 0 and peak["copy_gbps"] > 0
+
+
+def test_gpu_bench_round_and_aggregators_on_cpu(tmp_path):
+    files = _gpu_sh(tmp_path, "--sections", "round,aggregators")
+    assert sorted(files) == ["gpu_aggregators", "gpu_peak", "gpu_round"]
+    _check_common(files)
+    (row,) = files["gpu_round"]["rows"]
+    assert row["clients"] == 16 and row["updates_per_s"] > 0
+    assert 0 < row["train_fraction_of_matmul"] < 10
+    rules = {r["rule"]: r for r in files["gpu_aggregators"]["rows"]}
+    assert set(rules) == {"mean", "krum"} and all(r["seconds"] > 0 for r in rules.values())
+    assert all(r["fraction_of_matmul"] > 0 for r in rules.values())
+
+
+@pytest.mark.slow  # the sweep section starts a 64-run sweep and a separate fedsim run
+def test_gpu_bench_every_section_on_cpu(tmp_path):
+    files = _gpu_sh(tmp_path)
+    _check_common(files)
+    assert files["gpu_sweep"]["speedup"] > 0 and files["gpu_sweep"]["sweep_fraction_of_matmul"] > 0
+    (row,) = files["gpu_largest"]["rows"]
+    assert row["clients"] == 16 and row["round_fraction_of_matmul"] > 0
+
+
+def test_gpu_bench_refuses_to_run_full_sizes_on_a_cpu(tmp_path):
+    env = {**os.environ, "PY": sys.executable, "JAX_PLATFORMS": "cpu"}
+    cmd = ["bench/gpu.sh", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no GPU" in proc.stdout
+    assert not list(tmp_path.iterdir())
