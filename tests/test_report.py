@@ -310,7 +310,7 @@ def test_conflict_points_group_by_rule_along_the_knob():
     tm = points["trimmed_mean, strategic_distance(1→7, 20%)"]
     assert [p.label for p in tm] == ["β=0.1", "β=0.2", "β=0.3"]
     assert [p.attack_success.mean for p in tm] == [0.5, 0.3, 0.1]
-    assert tm[0].honest_weight.mean == pytest.approx(0.81) and tm[0].honest_weight.n == 2
+    assert tm[0].x.mean == pytest.approx(0.81) and tm[0].x.n == 2
     assert [p.label for p in points["krum, strategic_distance(1→7, 20%)"]] == ["f=2", "f=10"]
     # grouped by the attack only, along one knob
     only = conflict_points(records, ["aggregator.f"], group_keys=["attack"])

@@ -12,8 +12,16 @@ folders, or into one, merge here; a run id seen twice counts once) and writes to
 - ``curves_<metric>.png``: a metric over rounds, one line per setting (mean, with a ± std
   band over seeds), small multiples past ``MAX_LINES`` lines;
 - ``heatmap_<metric>__<rows>__<cols>.png``: a final metric over two swept axes;
-- ``conflict_<knob>.png`` (with ``conflict=KNOB``): final attack success rate against
-  final honest weight, one line per group, along a tightness knob.
+- ``conflict_<knob>.png`` (with ``conflict=KNOB``): final attack success rate and final
+  test accuracy against final honest weight (``conflict_<knob>__<x>.png`` against another
+  ``conflict_x`` metric, e.g. ``final_honest_accepted``), one line per group, along a
+  tightness knob;
+- ``along_<key>[__<slice>].png`` (with ``along``): final metrics against a swept axis, one
+  line per value of another, one figure per slice of the remaining axes.
+
+Derived metrics (``fedsim.report.derived``): a sweep with local-only runs (``topology:
+isolated``) gives every other run its ``collaboration_gain``; a swept
+``client.participants`` gives ``malicious_share`` per evaluation.
 
 An *axis* is a key the user swept (a swept mapping such as ``attack: [{name: none}, ...]``
 is one axis, its values labelled ``label_of(value)``), or a dotted path into a swept
@@ -43,20 +51,43 @@ from fedsim.report.data import (
     default_pair,
     eval_metric,
     is_number,
+    key_choices,
     metric_words,
     record_of,
     run_metric,
     seeds_note,
+    slices,
     swept_axes,
     table_metrics,
 )
-from fedsim.report.figures import conflict_figure, curve_figure, heatmap_figure, save_figure
+from fedsim.report.derived import derive
+from fedsim.report.figures import (
+    along_figure,
+    conflict_figure,
+    curve_figure,
+    heatmap_figure,
+    save_figure,
+)
 from fedsim.report.tables import axes_of, overview_markdown, summary_rows, tables_markdown
 from fedsim.sweep import _flatten, load_runs, point_of, row_of, to_csv, write_results
 
 CURVE_METRICS = ("test_accuracy", "attack_success_rate", "malicious_weight", "test_loss")
 MAX_HEATMAPS = 6
 PROGRESS_MIN_RUNS = 200
+
+
+@dataclasses.dataclass
+class Extras:
+    """What a report adds to its defaults (the paper's experiments set these): conflict
+    curves against each of ``conflict_x``; ``along`` figures, each a mapping of
+    ``along_plots``' arguments (``x``, ``lines``, ``metrics``); curves over rounds of
+    ``curves`` (instead of the default ones); table ``metrics`` (per-evaluation names,
+    their final values)."""
+
+    conflict_x: tuple = ("final_honest_weight",)
+    along: tuple = ()
+    curves: tuple = ()
+    metrics: tuple = ()
 
 
 @dataclasses.dataclass
@@ -80,7 +111,7 @@ def load_records(dirs, progress: bool = False) -> tuple[list[dict], list[Record]
     total = sum(1 for d in dirs for _ in (Path(d) / "runs").glob("*"))
     with _bar(total, "report: reading runs", "run", progress and total >= PROGRESS_MIN_RUNS) as bar:
         runs = load_runs(dirs, on_run=lambda: bar.update(1))
-    return runs, [record_of(r) for r in runs]
+    return runs, derive([record_of(r) for r in runs])
 
 
 def _has_curve(records: list[Record], metric: str) -> bool:
@@ -122,7 +153,7 @@ def heatmap_pairs(records: list[Record], x=None, y=None) -> list[tuple[Axis, Axi
 
 
 def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "_" for ch in text)
 
 
 def heatmap_plots(records, metric=None, x=None, y=None) -> list[Plot]:
@@ -144,20 +175,48 @@ def heatmap_plots(records, metric=None, x=None, y=None) -> list[Plot]:
     return plots[:MAX_HEATMAPS]
 
 
-def conflict_plot(records: list[Record], knob: str) -> Plot:
-    """The conflict curve along ``knob``; ConfigError if no run gives it a point."""
-    knobs = [check_key(records, k.strip(), "--conflict") for k in knob.split(",")]
-    points = conflict_points(records, knobs)
+def conflict_plot(records: list[Record], knob: str, x: str = "final_honest_weight") -> Plot:
+    """The conflict curve along ``knob`` (comma-separated keys; those no run has are
+    skipped) against ``x``; ConfigError if no key is swept or no run gives it a point."""
+    named = [k.strip() for k in knob.split(",")]
+    knobs = [k for k in named if k in key_choices(records)]
+    knobs = knobs or [check_key(records, named[0], "--conflict")]
+    points = conflict_points(records, knobs, x=x)
     if not points:
         raise ConfigError(
             f"--conflict {knob}: no run with that knob has both a final attack success rate "
-            "and a final honest weight (a targeted attack is needed)"
+            f"and a {metric_words(x)} (a targeted attack is needed)"
         )
     groups = ", ".join(a.key for a in swept_axes(records) if a.key not in knobs)
-    caption = f"final attack success rate vs final honest weight along {knob}"
+    caption = f"final attack success rate and test accuracy vs {metric_words(x)} along {knob}"
     caption += f", one line per {groups}" if groups else ""
-    name = f"conflict_{_safe(knob)}.png"
-    return Plot(name, caption, lambda: conflict_figure(points, knob, seeds_note(records), groups))
+    suffix = "" if x == "final_honest_weight" else f"__{_safe(x)}"
+    name = f"conflict_{_safe(knob)}{suffix}.png"
+    seeds = seeds_note(records)
+    return Plot(name, caption, lambda: conflict_figure(points, knob, seeds, groups, x))
+
+
+ALONG_METRICS = ("attack_success_rate", "test_accuracy")
+
+
+def along_plots(records: list[Record], x: str, lines=None, metrics=ALONG_METRICS) -> list[Plot]:
+    """Final ``metrics`` (those some run has) against the swept axis ``x``, one line per
+    value of ``lines`` (or one line), one figure per slice of the other swept axes (or
+    one pooling them, past ``MAX_SLICES`` slices)."""
+    cols = axis_of(records, check_key(records, x, "along"))
+    rows = axis_of(records, check_key(records, lines, "along lines")) if lines else None
+    names = [run_metric(m) for m in metrics]
+    names = [m for m in names if any(is_number(r.metrics.get(m)) for r in records)]
+    others = [a.key for a in swept_axes(records) if a.key not in (x, lines)]
+    plots = []
+    for title, members in slices(records, others) if names else ():
+        tables = [compact_table(members, m, rows, cols) for m in names]
+        words = ", ".join(metric_words(m) for m in names)
+        caption = f"{words} against {x}" + (f", one line per {lines}" if lines else "")
+        caption += f" ({title})" if title else ""
+        name = f"along_{_safe(x)}" + (f"__{_safe(title)}" if title else "") + ".png"
+        plots.append(Plot(name, caption, lambda t=tables: along_figure(t)))
+    return plots
 
 
 def _markdown_files(records, dirs, metrics, pair, plots) -> tuple[str, str]:
@@ -179,14 +238,23 @@ def _markdown_files(records, dirs, metrics, pair, plots) -> tuple[str, str]:
 
 
 def make_report(
-    dirs, out, x=None, y=None, metric=None, conflict=None, progress: bool = False
+    dirs,
+    out,
+    x=None,
+    y=None,
+    metric=None,
+    conflict=None,
+    progress: bool = False,
+    extra: Extras | None = None,
 ) -> list[Path]:
     """Write the tables, figures and REPORT.md of the sweep folders ``dirs`` into ``out``
     (see the module docstring); returns the files written. ``x``/``y``: swept keys for the
     heatmap columns/rows, the table columns/rows and the curves' lines/panels; ``metric``:
-    the one metric to plot; ``conflict``: knob key(s) of a conflict curve. Unknown keys or
-    metrics, or no finished runs, raise a one-line ConfigError before anything is written.
-    ``progress``: progress lines on stderr for folders of ``PROGRESS_MIN_RUNS`` runs or more."""
+    the one metric to plot; ``conflict``: knob key(s) of a conflict curve; ``extra``: more
+    figures and table metrics (``Extras``). Unknown keys or metrics, or no finished runs,
+    raise a one-line ConfigError before anything is written. ``progress``: progress lines
+    on stderr for folders of ``PROGRESS_MIN_RUNS`` runs or more."""
+    extra = extra or Extras()
     runs, records = load_records(dirs, progress)
     if not runs:
         raise ConfigError(f"no finished runs under {', '.join(str(d) for d in dirs)}")
@@ -195,8 +263,11 @@ def make_report(
     metric = metric and check_metric(records, metric)
     if x and x == y:
         raise ConfigError(f"--x and --y name the same key {x!r}")
-    plots = curve_plots(records, metric, x, y) + heatmap_plots(records, metric, x, y)
-    plots += [conflict_plot(records, conflict)] if conflict else []
+    curves = [p for m in extra.curves for p in curve_plots(records, m, x, y)]
+    plots = curves or curve_plots(records, metric, x, y)
+    plots += heatmap_plots(records, metric, x, y)
+    plots += [conflict_plot(records, conflict, cx) for cx in extra.conflict_x] if conflict else []
+    plots += [p for a in extra.along for p in along_plots(records, **a)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row_of(r) for r in runs]
@@ -210,8 +281,9 @@ def make_report(
             written.append(save_figure(p.build(), out / p.name))
             bar.update(1)
     pair = _table_pair(records, x, y)
+    metrics = table_metrics(records, metric) + [run_metric(m) for m in extra.metrics]
     summary_md, report_md = _markdown_files(
-        records, dirs, table_metrics(records, metric), pair, plots
+        records, dirs, list(dict.fromkeys(metrics)), pair, plots
     )
     write_atomic(out / "summary.md", summary_md)
     write_atomic(out / "REPORT.md", report_md)

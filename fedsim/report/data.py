@@ -30,6 +30,15 @@ METRIC_INFO = {
     "update_norm": ("update norm", "L2", None),
     "malicious_participants": ("malicious participants", "clients per round", None),
     "accuracy_drop": ("accuracy drop", "vs. the baseline run", None),
+    "honest_accepted": ("honest clients used", "fraction of present honest clients", (0, 1)),
+    "worst_test_accuracy": ("worst honest node's test accuracy", "fraction correct", (0, 1)),
+    "consensus_distance": ("consensus distance", "L2", None),
+    "collaboration_gain": ("collaboration gain", "accuracy minus alone", None),
+    "malicious_share": ("malicious share of a round", "attackers / participants", (0, 1)),
+    "mean_malicious_share": ("malicious share of a round, mean", "over rounds", (0, 1)),
+    "max_malicious_share": ("malicious share of a round, max", "over rounds", (0, 1)),
+    "accuracy_rest": ("accuracy outside the goal", "fraction correct", (0, 1)),
+    "goal_shift": ("steering shift toward 0 on the goal", "signed error", None),
 }
 # why a run has no value of a metric it never records
 ABSENT_REASON = {"attack_success_rate": "no target", "accuracy_drop": "no baseline"}
@@ -150,12 +159,12 @@ def seeds_note(records: list[Record]) -> str:
 def eval_metric(name: str) -> str:
     """The per-evaluation metric behind a run-level name: ``final_test_accuracy``,
     ``best_test_accuracy`` -> ``test_accuracy``."""
-    return re.sub(r"^(final|best|peak)_", "", name)
+    return re.sub(r"^(final|best|peak|mean|max)_", "", name)
 
 
 def run_metric(name: str) -> str:
     """The run-level name of a metric: ``test_accuracy`` -> ``final_test_accuracy``."""
-    return name if re.match(r"^(final|best|peak)_", name) else f"final_{name}"
+    return name if re.match(r"^(final|best|peak|mean|max)_", name) else f"final_{name}"
 
 
 def metric_words(name: str) -> str:
@@ -357,12 +366,14 @@ def curve_series(records: list[Record], metric: str, axes: list[Axis]) -> list[S
 
 @dataclasses.dataclass
 class ConflictPoint:
-    """A knob value of one group: final honest weight (x) and attack success rate (y)."""
+    """A knob value of one group: how much of the honest clients the rule used (``x``: by
+    default the final honest weight), the final attack success rate and test accuracy."""
 
     value: Any
     label: str  # e.g. "β=0.1"
-    honest_weight: Stat
+    x: Stat
     attack_success: Stat
+    accuracy: Stat
 
 
 def _without(value, path: list[str]):
@@ -396,14 +407,19 @@ def _group_label(record: Record, axes: list[Axis], knobs: list[str]) -> str:
 
 
 def conflict_points(
-    records: list[Record], knobs: str | list[str], group_keys: list[str] | None = None
+    records: list[Record],
+    knobs: str | list[str],
+    group_keys: list[str] | None = None,
+    x: str = "final_honest_weight",
 ) -> dict[str, list[ConflictPoint]]:
     """Conflict-curve points: runs grouped by ``group_keys`` (default: every swept axis
     that is not a knob; a knob inside a swept mapping is left out of its label, so
     ``trimmed_mean(β=0.1)`` groups as ``trimmed_mean``), then by the value of the first of
     ``knobs`` (a key or comma-separated keys, e.g. ``aggregator.beta,aggregator.f``) they
-    have. Each point pools its runs' final honest weight and final attack success rate;
-    points without both are left out. Returns ``{group label: points ordered by knob}``."""
+    have. Each point pools its runs' ``x`` (a run-level metric: ``final_honest_weight``,
+    ``final_honest_accepted``), final attack success rate and final test accuracy; points
+    without ``x`` and a success rate are left out. Returns ``{group label: points ordered
+    by knob}``."""
     knobs = [k.strip() for k in knobs.split(",")] if isinstance(knobs, str) else list(knobs)
     if group_keys is None:
         axes = [a for a in swept_axes(records) if a.key not in knobs]
@@ -420,10 +436,11 @@ def conflict_points(
     for group in sorted(cells, key=natural_key):
         points = []
         for knob, value, members in sorted(cells[group].values(), key=lambda c: order_key(c[1])):
-            hw = stat_of(members, "final_honest_weight")
+            used = stat_of(members, x)
             asr = stat_of(members, "final_attack_success_rate")
-            if hw.mean is not None and asr.mean is not None:
-                points.append(ConflictPoint(value, knob_label(knob, value), hw, asr))
+            acc = stat_of(members, "final_test_accuracy")
+            if used.mean is not None and asr.mean is not None:
+                points.append(ConflictPoint(value, knob_label(knob, value), used, asr, acc))
         if points:
             out[group] = points
     return out

@@ -229,29 +229,109 @@ def _cell_text(ax, i: int, j: int, stat: Stat, rng: tuple[float, float]) -> None
 
 
 def conflict_figure(
-    points: dict[str, list[ConflictPoint]], knob: str, seeds: str = "", groups: str = ""
+    points: dict[str, list[ConflictPoint]],
+    knob: str,
+    seeds: str = "",
+    groups: str = "",
+    x: str = "final_honest_weight",
 ):
-    """Final attack success rate (y) against final honest weight (x), one line per group
-    (legend titled ``groups``), points labelled with their knob value; error bars when
-    points pool several runs."""
-    fig = _figure(6.8, 4.8)
-    ax = fig.subplots()
+    """The conflict curve, two panels sharing the x axis ``x`` (how much of the honest
+    clients the rule used): final attack success rate, and final test accuracy; one line
+    per group (legend titled ``groups``), points labelled with their knob value, error
+    bars where points pool several runs."""
+    fig = _figure(12.0, 5.0)
+    success, accuracy = fig.subplots(1, 2, sharex=True)
     for i, (group, pts) in enumerate(points.items()):
-        xs = [p.honest_weight.mean for p in pts]
-        ys = [p.attack_success.mean for p in pts]
-        xerr = [p.honest_weight.std if p.honest_weight.n > 1 else 0.0 for p in pts]
-        yerr = [p.attack_success.std if p.attack_success.n > 1 else 0.0 for p in pts]
         style = dict(marker="o", ms=4, capsize=2, lw=1.4, color=_colour(i), label=group)
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, **style)
-        for p, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel(_metric_axis_label("final_honest_weight"))
-    ax.set_ylabel(_metric_axis_label("final_attack_success_rate"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title=groups or None, title_fontsize=7)
+        _conflict_line(success, pts, "attack_success", style, labels=True)
+        _conflict_line(accuracy, pts, "accuracy", style, labels=False)
+    for ax, metric in ((success, "final_attack_success_rate"), (accuracy, "final_test_accuracy")):
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(_metric_axis_label(x))
+        ax.set_ylabel(_metric_axis_label(metric))
+        ax.grid(alpha=0.3)
+    fig.legend(
+        *success.get_legend_handles_labels(),
+        loc="outside right upper",
+        fontsize=7,
+        title=groups or None,
+        title_fontsize=7,
+    )
     spread = f"mean ± std over {seeds}" if seeds and not seeds.startswith("1 seed") else seeds
     knobs = ", ".join(knob.split(","))
-    fig.suptitle(f"attack success vs honest weight along {knobs}\n{spread}", fontsize=10)
+    title = f"attack success and accuracy vs {metric_words(x)}\nalong {knobs}; {spread}"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _conflict_line(ax, pts: list[ConflictPoint], field: str, style: dict, labels: bool) -> None:
+    """One group's points (``field``: attack_success or accuracy) against their ``x``."""
+    kept = [p for p in pts if getattr(p, field).mean is not None]
+    xs = [p.x.mean for p in kept]
+    ys = [getattr(p, field).mean for p in kept]
+    xerr = [p.x.std if p.x.n > 1 else 0.0 for p in kept]
+    yerr = [getattr(p, field).std if getattr(p, field).n > 1 else 0.0 for p in kept]
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, **style)
+    for p, xv, yv in zip(kept, xs, ys, strict=True) if labels else ():
+        ax.annotate(p.label, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _x_positions(table: Table) -> tuple[list[float], bool]:
+    """Column positions: the values themselves when every one is a number, else 0..n-1."""
+    values = table.cols.values if table.cols else [0]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return ([float(v) for v in values] if numeric else list(range(len(values)))), numeric
+
+
+def along_figure(tables: list[Table]):
+    """Final metrics against a swept axis: one panel per Table (its columns the x axis,
+    shared), one line per row value with ± std error bars where cells pool several runs;
+    a log x axis for numeric values spanning more than a factor of 20."""
+    fig = _figure(4.4 * len(tables) + 2.2, 3.8)
+    axes = fig.subplots(1, len(tables), squeeze=False)[0]
+    for ax, table in zip(axes, tables, strict=True):
+        xs, numeric = _x_positions(table)
+        for i, (label, row) in enumerate(zip(table.row_labels(), table.cells, strict=True)):
+            kept = [(x, c) for x, c in zip(xs, row, strict=True) if c.mean is not None]
+            errs = [c.std if c.n > 1 else 0.0 for _, c in kept]
+            ax.errorbar(
+                [x for x, _ in kept],
+                [c.mean for _, c in kept],
+                yerr=errs,
+                marker="o",
+                ms=4,
+                capsize=2,
+                lw=1.4,
+                ls="-" if numeric else ":",
+                color=_colour(i),
+                label=label,
+            )
+        if numeric and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(xs, table.col_labels(), rotation=25, ha="right", fontsize=7)
+        rng = metric_range(table.metric)
+        if rng is not None:
+            ax.set_ylim(rng[0] - 0.03, rng[1] + 0.03)
+        ax.set_xlabel(table.cols.key if table.cols else "")
+        ax.set_ylabel(_metric_axis_label(table.metric), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    first = tables[0]
+    title = first.rows.key if first.rows else None
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="outside right upper",
+        fontsize=7,
+        title=title,
+        title_fontsize=7,
+    )
+    pool = f"; pooled over {', '.join(first.pooled)}" if first.pooled else ""
+    spread = "mean ± std" if not first.seeds.startswith("1 seed") else "value"
+    fig.suptitle(
+        f"final metrics along {first.cols.key if first.cols else ''}\n"
+        f"{spread} over {first.seeds}{pool}",
+        fontsize=10,
+    )
     return fig
