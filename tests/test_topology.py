@@ -52,6 +52,19 @@ def _setup(*overrides):
     return prepare(spec), hp
 
 
+def _first_round_training(setup, hp, state):
+    """``(attack, round keys, participants, Trained)`` of the first round of ``state``:
+    every node present, each trained from its own model."""
+    _, attack = components(setup)
+    keys = round_keys(state)
+    n = setup.spec.n_clients
+    who = sample(keys.sample, state.malicious, setup.data, n, n)
+    trained = jax.jit(make_train(setup, attack), static_argnames="own")(
+        state.params, who, keys.train, hp, setup.data, own=True
+    )
+    return attack, keys, who, trained
+
+
 def _two_rounds(setup, hp):
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     step = jax.jit(make_round(setup))
@@ -240,12 +253,7 @@ def test_each_node_runs_its_rule_on_its_neighbourhood():
     setup, hp = _setup("topology.name=ring", "aggregator={name: self_centered_clipping, tau: 0.05}")
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     after, _ = jax.jit(make_round(setup))(state, hp, setup.data)
-    _, attack = components(setup)
-    keys = round_keys(state)
-    who = sample(keys.sample, state.malicious, setup.data, 8, 8)
-    trained = jax.jit(make_train(setup, attack), static_argnames="own")(
-        state.params, who, keys.train, hp, setup.data, own=True
-    )
+    attack, keys, who, trained = _first_round_training(setup, hp, state)
     _, ravel_rows = flat_unravel(setup)
     start = np.asarray(ravel_rows(state.params), np.float64)
     models = start + np.asarray(trained.updates, np.float64)
@@ -378,12 +386,7 @@ def test_crafted_messages_travel_only_from_malicious_to_target_nodes(victims):
         over.append(f"attack.victims={victims}")
     setup, hp = _setup(*over)
     state = _with_malicious(setup, hp, (1, 4))
-    _, attack = components(setup)
-    keys = round_keys(state)
-    who = sample(keys.sample, state.malicious, setup.data, 8, 8)
-    trained = jax.jit(make_train(setup, attack), static_argnames="own")(
-        state.params, who, keys.train, hp, setup.data, own=True
-    )
+    attack, keys, who, trained = _first_round_training(setup, hp, state)
     _, ravel_rows = flat_unravel(setup)
     own = ravel_rows(state.params)
     topo = topology_of(setup.spec)
