@@ -19,13 +19,17 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, memory, OS, Python, jax and jaxlib versions, the jax device."""
+    """CPU model, cores (and those usable here), the load when measuring started, memory,
+    OS, Python, jax and jaxlib versions, the jax device."""
     import jax
     import jaxlib
 
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        # the cores this process may run on (fewer when pinned, e.g. with taskset)
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -20,7 +20,9 @@ Peer-to-peer (one model per node, ``n = m`` nodes), the aggregation's term is pe
 each node's rule holds its ``K`` neighbourhood rows (``K = n`` on a dense graph): the
 gathered rows, the crafted rows when there is an attack, the rule's working set and a
 ``K x K`` Gram matrix, for ``c`` nodes at once (the same chunk as training) beside the
-round's ``[n, d]`` trained, sent and benign matrices.
+round's ``[n, d]`` trained, sent and benign matrices. A columnwise rule run by column
+blocks (``fedsim.round.by_column_blocks``) holds instead every node's ``[K, block]``
+rows and working set at once, beside the round's matrices and its ``[n, d]`` steps.
 
 It is deliberately conservative (XLA reuses buffers, so the compiled program usually
 needs less); ``tests/test_memory.py`` checks it stays above XLA's own figure.
@@ -86,6 +88,7 @@ class Footprint(NamedTuple):
     per_client_train: int  # bytes one client needs while it trains
     eval_act: int
     neighbourhood: int | None = None  # peer-to-peer: rows a node's rule holds (K)
+    column_block: int | None = None  # peer-to-peer by column blocks: columns held at once
 
 
 def footprint(setup) -> Footprint:
@@ -113,6 +116,7 @@ def footprint(setup) -> Footprint:
         per_client_train=per_client,
         eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
         neighbourhood=_neighbourhood(setup),
+        column_block=_column_block(setup, attack),
     )
 
 
@@ -130,6 +134,18 @@ def _neighbourhood(setup) -> int | None:
         return setup.spec.n_clients
     index, _ = jax.eval_shape(topo.gather, jax.random.PRNGKey(0))
     return int(index.shape[1])
+
+
+def _column_block(setup, attack) -> int | None:
+    """Columns of every neighbourhood held at once when the peer-to-peer round runs its
+    rule by column blocks (``fedsim.round.runs_by_columns``), else None."""
+    from fedsim.round import COLUMN_BLOCK, runs_by_columns
+    from fedsim.setup import is_peer_to_peer, topology_of
+
+    spec = setup.spec
+    if is_peer_to_peer(spec) and runs_by_columns(spec, topology_of(spec), attack):
+        return COLUMN_BLOCK
+    return None
 
 
 def _hparams_shapes(setup):
@@ -178,10 +194,14 @@ def estimate(
     c = m if client_chunk is None else min(client_chunk, m)
     if fp.neighbourhood is None:
         updates = 4 * m * fp.d * (fp.update_copies + AGG_COPIES) + 4 * m * m
-    else:  # [n, d] round matrices, then c nodes' [K, d] rows and rule working sets
-        k = fp.neighbourhood
+    elif fp.column_block is None:  # [n, d] round matrices, then c nodes' [K, d] rows
+        k = fp.neighbourhood  # and rule working sets
         rows = k * fp.d * (fp.update_copies - 1 + AGG_COPIES) + k * k
         updates = 4 * m * fp.d * fp.update_copies + 4 * c * rows
+    else:  # [n, d] round matrices and the steps, then every node's [K, block] rows
+        k = fp.neighbourhood
+        rows = k * min(fp.column_block, fp.d) * (1 + AGG_COPIES) + k * k
+        updates = 4 * m * fp.d * (fp.update_copies + 1) + 4 * m * rows
     per_run = (
         2 * fp.state + updates // n_devices + c * fp.per_client_train // n_devices + fp.eval_act
     )

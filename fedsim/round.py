@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from fedsim.aggregators.base import REGISTRY as RULES
 from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_steps
-from fedsim.kernels import row_sq_norms
+from fedsim.kernels import finite_rows, row_sq_norms
 from fedsim.layout import shard_clients
 from fedsim.setup import Data, Setup, components, flat_unravel, is_peer_to_peer, topology_of
-from fedsim.spec import HParams
+from fedsim.spec import HParams, thaw
 from fedsim.types import AggContext, AggInfo, AttackContext
 
 TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
@@ -262,6 +263,7 @@ def make_aggregate(setup: Setup, agg):
         if peer is not None:
             judge = {"judge_x": peer.judge_x, "judge_y": peer.judge_y}
             judge |= {"self_index": peer.self_index, "degrees": peer.degrees}
+            judge |= {"finite": peer.finite, "self_distances": peer.self_distances}
         elif data.judge_x.shape[0] > 0:
             judge = {"judge_x": data.judge_x, "judge_y": data.judge_y}
         else:
@@ -282,14 +284,18 @@ def make_aggregate(setup: Setup, agg):
 
 class PeerView(NamedTuple):
     """What a node's rule knows besides the rows: self_index (its own row), degrees
-    ``[m]`` (each row's node's neighbour count) and judge_x ``[J, ...]``, judge_y ``[J]``
+    ``[m]`` (each row's node's neighbour count), judge_x ``[J, ...]``, judge_y ``[J]``
     (J samples of its own training data, drawn afresh each round; J = 0 without
-    ``judge.size``)."""
+    ``judge.size``), and when the rule sees a block of columns (else None) finite
+    ``[m]`` (which rows are finite in every column) and self_distances ``[m]`` (each
+    row's distance to its own row over every column)."""
 
     self_index: jax.Array
     degrees: jax.Array
     judge_x: jax.Array | None
     judge_y: jax.Array | None
+    finite: jax.Array | None = None
+    self_distances: jax.Array | None = None
 
 
 def own_samples(key, setup: Setup, data: Data, client, size: int):
@@ -464,6 +470,73 @@ def over_nodes(fn, args, chunk: int | None):
     return jax.lax.map(lambda xs: fn(*xs), args, batch_size=chunk)
 
 
+COLUMN_BLOCK = 128  # columns of every neighbourhood a columnwise peer-to-peer rule holds at once
+
+
+def runs_by_columns(spec, topo, attack) -> bool:
+    """Whether a peer-to-peer round runs its rule ``by_column_blocks``: a sparse graph, a
+    columnwise rule (``Rules.columnwise``) without pre-aggregation stages, no crafted
+    messages (crafting needs whole rows per recipient) and no judge's data."""
+    return (
+        topo.gather is not None
+        and attack.craft is None
+        and not spec.judge_size
+        and not thaw(spec.aggregator_kw).get("pre")
+        and RULES.columnwise(spec.aggregator)
+    )
+
+
+def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = COLUMN_BLOCK):
+    """Every node's rule over its neighbourhood, ``width`` columns at a time, for a
+    columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
+    K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
+    block. Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its
+    share of the columns) and each row's squared distance to its node's step ``[n, K]``.
+    Only one block of the gathered rows (``[n, K, c]``) is ever held, not ``[n, K, d]``:
+    each row is read once per neighbourhood it belongs to, from cache, instead of being
+    copied into a gathered matrix and read again by every stage of the rule."""
+    n, d = sent.shape
+
+    def block(lo, c):
+        mine = jax.lax.dynamic_slice_in_dim(own, lo, c, 1)
+        rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[index]
+        rows = rows - mine[:, None] if relative else rows
+        step, weight = node_rule(rows, mine)
+        diff = rows - step[:, None]
+        return step, weight * c, jnp.sum(diff * diff, axis=-1)
+
+    def body(b, carry):
+        steps, weight, sq = carry
+        step, w, dist = block(b * width, width)
+        steps = jax.lax.dynamic_update_slice_in_dim(steps, step, b * width, 1)
+        return steps, weight + w, sq + dist
+
+    zeros = jnp.zeros(index.shape, jnp.float32)
+    full = d // width
+    steps, weight, sq = jax.lax.fori_loop(0, full, body, (jnp.zeros_like(sent), zeros, zeros))
+    if d % width:  # the last, narrower block
+        step, w, dist = block(full * width, d - full * width)
+        steps, weight, sq = steps.at[:, full * width :].set(step), weight + w, sq + dist
+    return steps, weight / d, sq
+
+
+def edge_sq_distances(sent, index, width: int = COLUMN_BLOCK):
+    """``[n, K]`` squared L2 distance of each neighbourhood row ``sent[index[k, j]]`` to
+    the node's own row ``sent[index[k, 0]]`` (itself first), summed over column blocks
+    as ``by_column_blocks`` reads them (NaN where either row is non-finite)."""
+    d = sent.shape[1]
+
+    def block(lo, c):
+        rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[index]
+        diff = rows - rows[:, :1]
+        return jnp.sum(diff * diff, axis=-1)
+
+    full = d // width
+    sq = jnp.zeros(index.shape, jnp.float32)
+    sq = jax.lax.fori_loop(0, full, lambda b, sq: sq + block(b * width, width), sq)
+    return sq + block(full * width, d - full * width) if d % width else sq
+
+
 def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     """The round with one model per node: every node trains from its own model, then each
     node's rule (the same ``Aggregator``, vmapped over nodes, its own state and key)
@@ -476,8 +549,9 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     Sparse graphs (``topology.gather``) hand each node's rule its K neighbourhood rows,
     gathered (``[n, K, d]`` in all, itself first); dense ones all n rows with weight 0
     for non-neighbours. Nodes are aggregated ``setup.client_chunk`` at a time when the
-    memory planner sets one. Metrics are the honest nodes' means over their
-    neighbourhoods."""
+    memory planner sets one. A columnwise rule on a sparse graph (``runs_by_columns``)
+    runs instead ``by_column_blocks``, with the same result. Metrics are the honest
+    nodes' means over their neighbourhoods."""
     spec = setup.spec
     _, ravel_rows = flat_unravel(setup)
     n = spec.n_clients
@@ -485,6 +559,7 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
     messages = make_messages(setup, topo, attack)
     victims = victims_mask(spec)
     dense = topo.gather is None
+    columns = runs_by_columns(spec, topo, attack)
 
     def round_step(state: RunState, hparams: HParams, data: Data):
         TRACE_COUNT["round"] += 1
@@ -506,6 +581,58 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             who, own, sent, trained.benign, state.previous_aggregate, ~who.is_malicious & victims
         )
 
+        if columns:
+            steps, weight, distances, local = neighbourhoods_by_columns(
+                ex, index, weights, degrees, state.agg_state, keys.aggregate, hparams, data
+            )
+            agg_state = state.agg_state
+        else:
+            out, distances, local = neighbourhoods_gathered(
+                ex, index, me, weights, degrees, state.agg_state, keys, hparams, data
+            )
+            steps, weight, agg_state = out.delta, out.info.weight, out.agg_state
+        params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
+            state.params, state.server_opt_state, steps, hparams
+        )
+        # per node, over its neighbourhood: who is present is who it hears from
+        per_node = jax.vmap(round_metrics, in_axes=(0, None, 0, 0, 0, 0))(
+            weight, None, steps, distances, params, local
+        )
+        honest = ~who.is_malicious
+        metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
+        return advanced(state, params, opt_state, agg_state, steps), metrics
+
+    def neighbourhoods_by_columns(ex, index, weights, degrees, agg_state, key, hparams, data):
+        """Every node's (columnwise) rule ``by_column_blocks``: the steps ``[n, d]``, the
+        weights ``[n, K]``, each group's distance per node and each node's Participants."""
+        who = ex.who
+        finite = finite_rows(ex.sent)[index] & finite_rows(ex.own)[:, None]
+        rule_keys = jax.vmap(lambda k: jax.random.split(k)[0])(jax.random.split(key, n))
+        far = None
+        if RULES.needs_self_distances(spec.aggregator):
+            far = jnp.sqrt(edge_sq_distances(ex.sent, index))
+
+        def one(rows, mine, idx, w, fin, far, state_k, k_rule):
+            view = PeerView(jnp.int32(0), degrees[idx], None, None, fin, far)
+            args = (who.clients[idx], state_k, k_rule, hparams, data, mine, view)
+            out = aggregate(rows, w, *args)
+            return out.delta, out.info.weight
+
+        def node_rule(rows, mine):
+            return jax.vmap(one)(rows, mine, index, weights, finite, far, agg_state, rule_keys)
+
+        models = topo.exchange == "models"
+        steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models)
+        local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
+        present = weights > 0
+        distances = jax.vmap(group_distances)(jnp.sqrt(sq), present, local.is_malicious)
+        return steps, weight, distances, local
+
+    def neighbourhoods_gathered(ex, index, me, weights, degrees, state, keys, hparams, data):
+        """Every node's rule on its gathered rows (all n rows on a dense graph), as
+        ``make_messages`` delivers them: the rule's output per node, each group's distance
+        per node and each node's Participants."""
+
         def node(k, me, idx, w, agg_state, key, k_attack):
             k_rule, k_judge = jax.random.split(key)
             idx = nodes if dense else idx
@@ -514,25 +641,14 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             if spec.judge_size:
                 judge = own_samples(k_judge, setup, data, k, spec.judge_size)
             view = PeerView(me, degrees[idx], *judge)
-            args = (local.clients, agg_state, k_rule, hparams, data, own[k], view)
+            args = (local.clients, agg_state, k_rule, hparams, data, ex.own[k], view)
             out = aggregate(rows, w, *args)
             # each group's distance to what the node accepted, as the node received them
             return out, distances_to(out.delta, rows, w > 0, local.is_malicious), local
 
-        per_node = (nodes, me, index, weights, state.agg_state)
+        per_node = (nodes, me, index, weights, state)
         per_node += (jax.random.split(keys.aggregate, n), jax.random.split(keys.attack, n))
-        out, distances, local = over_nodes(node, per_node, setup.client_chunk)
-        steps = out.delta
-        params, opt_state = jax.vmap(apply, in_axes=(0, 0, 0, None))(
-            state.params, state.server_opt_state, steps, hparams
-        )
-        # per node, over its neighbourhood: who is present is who it hears from
-        per_node = jax.vmap(round_metrics, in_axes=(0, None, 0, 0, 0, 0))(
-            out.info.weight, None, steps, distances, params, local
-        )
-        honest = ~who.is_malicious
-        metrics = jax.tree.map(lambda v: _honest_mean(v, honest), per_node)
-        return advanced(state, params, opt_state, out.agg_state, steps), metrics
+        return over_nodes(node, per_node, setup.client_chunk)
 
     return round_step
 
@@ -596,7 +712,11 @@ def distances_to(reference, updates, present, is_mal) -> dict:
 
     The reference is the rule's output: how far from what the rule accepted each group
     sent (0 when a group has no present member)."""
-    dist = jnp.sqrt(row_sq_norms(updates, reference))
+    return group_distances(jnp.sqrt(row_sq_norms(updates, reference)), present, is_mal)
+
+
+def group_distances(dist, present, is_mal) -> dict:
+    """``distances_to`` from the rows' distances ``dist [m]`` to the reference."""
     mean_over = lambda sel: jnp.sum(jnp.where(sel, dist, 0.0)) / jnp.maximum(jnp.sum(sel), 1)
     return {
         "malicious_distance": mean_over(present & is_mal),

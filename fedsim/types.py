@@ -62,6 +62,12 @@ class AggContext(NamedTuple):
         the node's own training data.
     degrees: peer-to-peer only: ``[n]`` float, each row's node's number of neighbours
         (itself excluded) this round, for Metropolis–Hastings mixing weights.
+    finite: ``[n]`` bool or ``None``: which rows are finite in every column, when the rule
+        is given one block of the rows' columns (a peer-to-peer round of a columnwise
+        rule, ``fedsim.round.by_column_blocks``); ``None``: the rule sees whole rows.
+    self_distances: ``[n]`` float or ``None``: likewise, each row's L2 distance to row
+        ``self_index`` over all columns (for a rule registered
+        ``columnwise="self_distances"``).
     """
 
     global_params: Array
@@ -74,6 +80,8 @@ class AggContext(NamedTuple):
     error_fn: LossFn | None = None
     self_index: Array | None = None
     degrees: Array | None = None
+    finite: Array | None = None
+    self_distances: Array | None = None
 
 
 class Aggregator(NamedTuple):

@@ -2,6 +2,8 @@
 whose nodes average is FedAvg, isolated nodes train alone, and what a peer-to-peer run
 refuses."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,6 +315,79 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     for got, want in zip(m_gathered, m_dense, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert float(m_dense.malicious_weight) > 0
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "{name: gossip}",
+        "{name: mean}",
+        "{name: median}",
+        "{name: trimmed_mean, beta: 0.25}",
+        "{name: self_centered_clipping, tau: 0.05}",
+    ],
+)
+def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch, rule):
+    """A 4 x 4 torus round with a columnwise rule at every node (a quarter of the nodes
+    flipping labels) gives the same models and metrics run one block of columns at a
+    time (blocks of 100 columns and a narrower last one) as on the gathered
+    neighbourhoods."""
+    import fedsim.round as rounds
+
+    setup, hp = _setup(
+        *TORUS_ALIE[:3], f"aggregator={rule}", "attack={name: label_flip, fraction: 0.25}"
+    )
+    _, attack = components(setup)
+    assert rounds.runs_by_columns(setup.spec, topology_of(setup.spec), attack)
+    assert setup.n_params % 100 != 0
+    monkeypatch.setattr(
+        rounds, "by_column_blocks", functools.partial(rounds.by_column_blocks, width=100)
+    )
+    state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
+    by_columns, m_columns = jax.jit(make_round(setup))(state, hp, setup.data)
+    monkeypatch.setattr(rounds, "runs_by_columns", lambda *a: False)
+    gathered, m_gathered = jax.jit(make_round(setup))(state, hp, setup.data)
+    for got, want in zip(
+        jax.tree.leaves(by_columns.params), jax.tree.leaves(gathered.params), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(m_columns, m_gathered, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(m_gathered.malicious_weight) > 0
+
+
+def test_gossip_by_column_blocks_drops_a_row_non_finite_in_one_block():
+    """A neighbour whose row holds a NaN in one column only is dropped from every block
+    (its weight stays on the node), as gossip over the whole rows drops it."""
+    from fedsim import aggregators
+    from fedsim.round import by_column_blocks
+    from fedsim.types import AggContext
+
+    n, d, width = 6, 250, 64
+    sent = jax.random.normal(jax.random.PRNGKey(0), (n, d)).at[3, 200].set(jnp.nan)
+    own = jax.random.normal(jax.random.PRNGKey(1), (n, d))
+    index, valid = topologies.neighbour_lists(topologies.make("ring", n_nodes=n).adjacency)
+    index = jnp.asarray(index)
+    degrees = jnp.asarray(valid.sum(axis=1) - 1.0, jnp.float32)
+    weights = jnp.asarray(valid, jnp.float32)
+    gossip = aggregators.make("gossip")
+
+    def rule(rows, mine, w, idx, finite=None):
+        ctx = AggContext(mine, jax.random.PRNGKey(2), {}, self_index=0, degrees=degrees[idx])
+        delta, _, info = gossip.aggregate(rows, w, (), ctx._replace(finite=finite))
+        return delta, info.weight
+
+    finite = jnp.all(jnp.isfinite(sent), axis=1)[index]
+    node_rule = lambda rows, mine: jax.vmap(rule)(rows, mine, weights, index, finite)
+    steps, weight, sq = by_column_blocks(node_rule, sent, own, index, True, width=width)
+    whole, whole_weight = jax.vmap(rule)(sent[index] - own[:, None], own, weights, index)
+    np.testing.assert_allclose(steps, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(weight, whole_weight, rtol=1e-6, atol=1e-7)
+    assert np.isfinite(np.asarray(steps)).all()
+    assert float(whole_weight[2, 2]) == 0.0  # node 2 drops neighbour 3 (its third row)
+    rows = np.asarray(sent[index] - own[:, None], np.float64)
+    want = np.sum((rows - np.asarray(whole, np.float64)[:, None]) ** 2, -1)
+    np.testing.assert_allclose(sq, want, rtol=1e-5)
 
 
 def _node_accuracies(rule, rounds=15):

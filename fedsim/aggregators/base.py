@@ -93,6 +93,21 @@ class Rules(Components):
         (an attack told of an unknown rule assumes the mean)."""
         return self.meta(name)["geometry"] if name in self else MEAN_GEOMETRY
 
+    def columnwise(self, name: str) -> bool:
+        """Whether rule ``name`` (registered with ``columnwise=True``) is stateless,
+        deterministic and computes each output column from the same column of its rows
+        alone, given which rows are finite (``AggContext.finite``) and, registered with
+        ``columnwise="self_distances"``, each row's distance to the node's own row
+        (``AggContext.self_distances``): its output on a block of columns is that block
+        of its output, and its ``AggInfo.weight`` the block's share of it. Peer-to-peer
+        rounds then run it one column block at a time (``fedsim.round.by_column_blocks``)
+        instead of gathering every neighbourhood."""
+        return bool(name in self and self.meta(name).get("columnwise", False))
+
+    def needs_self_distances(self, name: str) -> bool:
+        """Whether columnwise rule ``name`` reads ``AggContext.self_distances``."""
+        return name in self and self.meta(name).get("columnwise") == "self_distances"
+
 
 REGISTRY = Rules("aggregator")
 PRE = Components("pre-aggregation stage")
@@ -207,7 +222,7 @@ def reduce(name: str, updates, weights=None, *, ctx: AggContext | None = None, *
     )
 
 
-@REGISTRY.register("mean", options={}, geometry=MEAN_GEOMETRY)
+@REGISTRY.register("mean", options={}, geometry=MEAN_GEOMETRY, columnwise=True)
 def make_mean() -> Aggregator:
     """Weighted mean (FedAvg, McMahan et al. 2017): ``sum_i w_i u_i / sum_i w_i``.
 

@@ -42,7 +42,7 @@ def _count(present):
 # --- coordinate-wise order statistics -----------------------------------------------------
 
 
-@REGISTRY.register("median", options={}, geometry=Geometry("median", "box"))
+@REGISTRY.register("median", options={}, geometry=Geometry("median", "box"), columnwise=True)
 def make_median() -> Aggregator:
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-robust distributed learning").
 
@@ -67,6 +67,7 @@ def make_median() -> Aggregator:
         "beta": Option(0.1, holds(lambda b: 0 <= b < 0.5, "must be in [0, 0.5)"), traced=True)
     },
     geometry=Geometry("median", "box", trim_option="beta"),
+    columnwise=True,
 )
 def make_trimmed_mean(beta: float) -> Aggregator:
     """Coordinate-wise β-trimmed mean (Yin et al. 2018).

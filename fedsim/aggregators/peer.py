@@ -53,16 +53,17 @@ def metropolis(weights, ctx: AggContext, usable):
     return jnp.where(mine, 1.0 - jnp.sum(w), w)
 
 
-@REGISTRY.register("gossip", options={}, geometry=Geometry("mean", "ball"))
+@REGISTRY.register("gossip", options={}, geometry=Geometry("mean", "ball"), columnwise=True)
 def make_gossip() -> Aggregator:
     """Gossip averaging with Metropolis–Hastings weights (Xiao & Boyd 2004; the non-robust
     baseline of He, Karimireddy & Jaggi 2022): ``Σ_j W_ij r_j`` over the neighbourhood,
     ``W`` doubly stochastic on an undirected graph. Non-finite rows get weight 0 (their
-    weight stays on the node). AggInfo.weight: ``W_i·``."""
+    weight stays on the node; ``ctx.finite`` says which when the rule sees a block of
+    columns). AggInfo.weight: ``W_i·``."""
 
     def aggregate(updates, weights, state, ctx: AggContext):
         require_peer("gossip", ctx)
-        finite = ops.finite_rows(updates)
+        finite = ops.finite_rows(updates) if ctx.finite is None else ctx.finite
         w = metropolis(weights, ctx, finite).astype(updates.dtype)
         return ops.combine(w, updates, finite), state, AggInfo(weight=w)
 
@@ -73,6 +74,7 @@ def make_gossip() -> Aggregator:
     "self_centered_clipping",
     options={"tau": Option(1.0, at_least(0.0), traced=True)},
     geometry=Geometry("origin", "ball", radius_option="tau"),
+    columnwise="self_distances",
 )
 def make_self_centered_clipping(tau: float) -> Aggregator:
     """Self-centred clipping (He, Karimireddy & Jaggi 2022, "Byzantine-robust
@@ -80,15 +82,17 @@ def make_self_centered_clipping(tau: float) -> Aggregator:
     around the node's own trained model ``x_i``, Metropolis–Hastings ``W``; τ traced (a
     constant here; the paper also derives an adaptive one). Non-finite rows are dropped.
     AggInfo.weight: ``W_ij · min(1, τ / |x_j - x_i|)`` for each neighbour, the rest on
-    the node (the output is that convex combination)."""
+    the node (the output is that convex combination). Given ``ctx.finite`` and
+    ``ctx.self_distances`` (a block of columns), it uses them for the whole rows'."""
 
     def aggregate(updates, weights, state, ctx: AggContext):
         require_peer("self_centered_clipping", ctx)
         t = ctx.hparams.get("tau", tau)
         _, mine, x_i = own_row(updates, ctx)
-        finite = ops.finite_rows(updates)
+        finite = ops.finite_rows(updates) if ctx.finite is None else ctx.finite
         mix = metropolis(weights, ctx, finite).astype(updates.dtype)
-        shrink = clip_factor(distances_to(updates, x_i), t)
+        far = distances_to(updates, x_i) if ctx.self_distances is None else ctx.self_distances
+        shrink = clip_factor(far, t)
         w = jnp.where(finite & ~mine, mix * shrink, 0.0)
         w = jnp.where(mine, 1.0 - jnp.sum(w), w)
         return ops.combine(w, updates, finite | mine), state, AggInfo(weight=w)
