@@ -12,7 +12,7 @@ against a per-node Python loop.
    (s = 8) with gossip, median and self-centred clipping, beside the star round of N
    participants with the matching server rule (mean, median, centred clipping) in the
    same run. The ratio peer / star is what a node's graph costs over one server.
-3. ``--loop N``: the fused peer-to-peer round (k_regular, k = 8, median) against a
+3. ``--loop N``: the fused peer-to-peer round (k_regular, k = 8, median and gossip) against a
    per-node Python loop (the style of simulators that keep one model per node): per node,
    one jitted local training and one jitted rule over its gathered rows, then one jitted
    optimizer step, with the same keys; the loop's first round is checked to equal the
@@ -58,6 +58,7 @@ RULES_VS_STAR = {
     "self_centered_clipping": "centered_clipping",
 }
 LOOP_GRAPH = "{name: k_regular, k: 8}"
+LOOP_RULES = ("median", "gossip")  # a rule whose arithmetic dominates, and a cheap one
 
 
 def make_setup(nodes: int, graph: str):
@@ -170,16 +171,16 @@ def python_loop(setup, hparams, n_rounds: int):
     return statistics.median(times[1:]), first
 
 
-def fused_vs_loop(nodes: int, results: dict, out: str) -> None:
+def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     """Section 3: the fused round against ``python_loop`` at ``nodes`` nodes."""
-    setup, hp = mnist_setup(nodes, 1, aggregator="median", extra=[f"topology={LOOP_GRAPH}"])
+    setup, hp = mnist_setup(nodes, 1, aggregator=rule, extra=[f"topology={LOOP_GRAPH}"])
     fused = seconds_per_round(setup, hp, dense=False)
     loop, first = python_loop(setup, hp, n_rounds=4)
     state = jax.jit(rounds.make_init(setup))(jax.random.PRNGKey(0), hp)
     after, _ = jax.jit(rounds.make_round(setup))(state, hp, setup.data)
     _, ravel_rows = flat_unravel(setup)
     np.testing.assert_allclose(first, np.asarray(ravel_rows(after.params)), rtol=1e-4, atol=1e-5)
-    row = {"section": "loop", "graph": LOOP_GRAPH, "nodes": nodes, "rule": "median"}
+    row = {"section": "loop", "graph": LOOP_GRAPH, "nodes": nodes, "rule": rule}
     row |= {"fused_s": fused, "python_loop_s": loop, "loop_over_fused": loop / fused}
     results["rows"].append(row)
     print(json.dumps(row), flush=True)
@@ -217,7 +218,8 @@ def main(argv=None) -> None:
     for n in args.vs_star:
         peer_vs_star(n, results, args.out)
     for n in args.loop:
-        fused_vs_loop(n, results, args.out)
+        for rule in LOOP_RULES:
+            fused_vs_loop(n, results, args.out, rule)
 
 
 def write(path: str, results: dict) -> None:
