@@ -295,3 +295,36 @@ def test_behaviour_rules_accept_the_crafted_update_and_the_goal_loss_falls(rule,
         assert goal_loss_after(rule, rows) < goal_loss_after(rule, BENIGN)
     finally:
         del RULES[rule]
+
+
+def test_strategic_behavior_simulates_ubar_at_its_recipient_node():
+    """Crafting for one recipient node (row 3), the behaviour-aware adversary runs that
+    node's UBAR on its proxy (here the node's own data): UBAR then accepts the crafted
+    rows (at least 0.8 of their share) and the goal loss falls."""
+    setup = AttackSetup(rule="ubar", rule_kw=(), n_classes=C, input_shape=(F,))
+    attack = make(
+        "strategic_behavior", setup=setup, goal={"name": "targeted", "source": 1, "target": 0}
+    )
+    me = N_MAL
+    ctx = attack_context("ubar")._replace(self_index=jnp.int32(me))
+    rows = np.asarray(jax.jit(lambda u, m: attack.craft(u, m, ctx))(UPDATES, IS_MAL))
+    agg = aggregators.make("ubar")
+    node = AggContext(
+        global_params=jnp.asarray(GLOBAL),
+        key=jax.random.PRNGKey(0),
+        hparams={},
+        loss_fn=loss_fn,
+        judge_x=jnp.asarray(PROXY_X),
+        judge_y=jnp.asarray(PROXY_Y),
+        self_index=jnp.int32(me),
+        degrees=jnp.full(N, N - 1.0),
+    )
+    target = jnp.full(TEST_X.shape[0], TARGET)
+
+    def run(r):
+        out, _, info = agg.aggregate(jnp.asarray(r), jnp.ones(N), (), node)
+        return info.weight, loss_fn(jnp.asarray(GLOBAL) + out, jnp.asarray(TEST_X), target)
+
+    weight, goal_loss = run(rows)
+    assert float(weight[:N_MAL].sum()) >= 0.8 * SHARE - 1e-6
+    assert float(goal_loss) < float(run(BENIGN)[1])

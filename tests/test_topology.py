@@ -321,9 +321,9 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     "rule",
     [
         "{name: gossip}",
-        "{name: mean}",
+        pytest.param("{name: mean}", marks=pytest.mark.slow),  # as gossip, weights fixed
         "{name: median}",
-        "{name: trimmed_mean, beta: 0.25}",
+        pytest.param("{name: trimmed_mean, beta: 0.25}", marks=pytest.mark.slow),  # as median
         "{name: self_centered_clipping, tau: 0.05}",
     ],
 )

@@ -256,11 +256,20 @@ def simulated_acceptor(setup, rows, mask, crafted, ctx: AttackContext, min_share
     the crafted point sent from every ``crafted`` row, gives the crafted rows at least
     ``min_share`` of their share of the present rows. Behaviour-based rules judge with the
     adversary's proxy data. One candidate at a time (``lax.map``): each run is a whole
-    rule on ``[2n, d]``."""
+    rule on ``[2n, d]``.
+
+    Peer-to-peer (``ctx.self_index``: crafting for one recipient node) the rule is the
+    recipient's, run as the recipient would, from its own row among the pool's (its model
+    as the origin) and judging with the proxy in place of the recipient's own data. The
+    neighbours' degrees are not known to the adversary: they are NaN, which the peer
+    rules simulated here (UBAR, BALANCE) never read."""
     agg = make_rule(setup.rule, **rule_kw(setup))
     n, d = rows.shape
     weights = jnp.concatenate([mask, crafted]).astype(rows.dtype)
     share = count(crafted) / jnp.maximum(count(mask) + count(crafted), 1.0)
+    peer = {}
+    if ctx.self_index is not None:
+        peer = {"self_index": ctx.self_index, "degrees": jnp.full(2 * n, jnp.nan, rows.dtype)}
     actx = AggContext(
         global_params=ctx.global_params,
         key=ctx.key,
@@ -269,6 +278,7 @@ def simulated_acceptor(setup, rows, mask, crafted, ctx: AttackContext, min_share
         judge_x=ctx.proxy_x,
         judge_y=ctx.proxy_y,
         error_fn=ctx.error_fn,
+        **peer,
     )
     state = agg.init(ctx.global_params, 2 * n)
 
