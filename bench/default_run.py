@@ -2,7 +2,7 @@
 (process start-up, data loading and compilation included) beside the simulation time
 and final accuracy the run reports.
 
-Usage: ``.venv/bin/python bench/default_run.py [--repeats 3]``. Writes
+Usage: ``.venv/bin/python bench/default_run.py [--repeats 3] [--quick]``. Writes
 ``bench/results/default_run.json`` with the machine.
 """
 
@@ -45,8 +45,11 @@ def one_run() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
     info = machine.machine_info()
     runs = [one_run() for _ in range(args.repeats)]
     for r in runs:
