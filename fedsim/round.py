@@ -486,6 +486,14 @@ def runs_by_columns(spec, topo, attack) -> bool:
     )
 
 
+def over_column_blocks(step, carry, d: int, width: int = COLUMN_BLOCK):
+    """``carry = step(carry, lo, c)`` for every block of ``width`` columns of ``d`` (``lo``
+    traced), then for the narrower last block (``lo``, ``c`` static)."""
+    full = d // width
+    carry = jax.lax.fori_loop(0, full, lambda b, acc: step(acc, b * width, width), carry)
+    return step(carry, full * width, d - full * width) if d % width else carry
+
+
 def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = COLUMN_BLOCK):
     """Every node's rule over its neighbourhood, ``width`` columns at a time, for a
     columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
@@ -495,28 +503,20 @@ def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = C
     Only one block of the gathered rows (``[n, K, c]``) is ever held, not ``[n, K, d]``:
     each row is read once per neighbourhood it belongs to, from cache, instead of being
     copied into a gathered matrix and read again by every stage of the rule."""
-    n, d = sent.shape
 
-    def block(lo, c):
+    def step(carry, lo, c):
+        steps, weight, sq = carry
         mine = jax.lax.dynamic_slice_in_dim(own, lo, c, 1)
         rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[index]
         rows = rows - mine[:, None] if relative else rows
-        step, weight = node_rule(rows, mine)
-        diff = rows - step[:, None]
-        return step, weight * c, jnp.sum(diff * diff, axis=-1)
-
-    def body(b, carry):
-        steps, weight, sq = carry
-        step, w, dist = block(b * width, width)
-        steps = jax.lax.dynamic_update_slice_in_dim(steps, step, b * width, 1)
-        return steps, weight + w, sq + dist
+        block, w = node_rule(rows, mine)
+        diff = rows - block[:, None]
+        steps = jax.lax.dynamic_update_slice_in_dim(steps, block, lo, 1)
+        return steps, weight + w * c, sq + jnp.sum(diff * diff, axis=-1)
 
     zeros = jnp.zeros(index.shape, jnp.float32)
-    full = d // width
-    steps, weight, sq = jax.lax.fori_loop(0, full, body, (jnp.zeros_like(sent), zeros, zeros))
-    if d % width:  # the last, narrower block
-        step, w, dist = block(full * width, d - full * width)
-        steps, weight, sq = steps.at[:, full * width :].set(step), weight + w, sq + dist
+    d = sent.shape[1]
+    steps, weight, sq = over_column_blocks(step, (jnp.zeros_like(sent), zeros, zeros), d, width)
     return steps, weight / d, sq
 
 
@@ -524,17 +524,13 @@ def edge_sq_distances(sent, index, width: int = COLUMN_BLOCK):
     """``[n, K]`` squared L2 distance of each neighbourhood row ``sent[index[k, j]]`` to
     the node's own row ``sent[index[k, 0]]`` (itself first), summed over column blocks
     as ``by_column_blocks`` reads them (NaN where either row is non-finite)."""
-    d = sent.shape[1]
 
-    def block(lo, c):
+    def step(sq, lo, c):
         rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[index]
         diff = rows - rows[:, :1]
-        return jnp.sum(diff * diff, axis=-1)
+        return sq + jnp.sum(diff * diff, axis=-1)
 
-    full = d // width
-    sq = jnp.zeros(index.shape, jnp.float32)
-    sq = jax.lax.fori_loop(0, full, lambda b, sq: sq + block(b * width, width), sq)
-    return sq + block(full * width, d - full * width) if d % width else sq
+    return over_column_blocks(step, jnp.zeros(index.shape, jnp.float32), sent.shape[1], width)
 
 
 def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
@@ -612,8 +608,8 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
         if RULES.needs_self_distances(spec.aggregator):
             far = jnp.sqrt(edge_sq_distances(ex.sent, index))
 
-        def one(rows, mine, idx, w, fin, far, state_k, k_rule):
-            view = PeerView(jnp.int32(0), degrees[idx], None, None, fin, far)
+        def one(rows, mine, idx, w, fin, far_k, state_k, k_rule):
+            view = PeerView(jnp.int32(0), degrees[idx], None, None, fin, far_k)
             args = (who.clients[idx], state_k, k_rule, hparams, data, mine, view)
             out = aggregate(rows, w, *args)
             return out.delta, out.info.weight
