@@ -54,6 +54,16 @@ def _setup(*overrides):
     return prepare(spec), hp
 
 
+def _assert_same_round(got, want, rtol=1e-5):
+    """Two rounds' ``(state, metrics)`` hold the same models and metrics (``rtol``,
+    ``atol`` a tenth of it)."""
+    (state, metrics), (state_want, metrics_want) = got, want
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_want.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol / 10)
+    for a, b in zip(metrics, metrics_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol / 10)
+
+
 def _first_round_training(setup, hp, state):
     """``(attack, round keys, participants, Trained)`` of the first round of ``state``:
     every node present, each trained from its own model."""
@@ -308,12 +318,7 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     dense_of = lambda spec: topologies.dense(topologies.make("torus", n_nodes=16))
     monkeypatch.setattr(rounds, "topology_of", dense_of)
     dense, m_dense = jax.jit(make_round(setup))(state, hp, setup.data)
-    for got, want in zip(
-        jax.tree.leaves(gathered.params), jax.tree.leaves(dense.params), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(m_gathered, m_dense, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_round((gathered, m_gathered), (dense, m_dense))
     assert float(m_dense.malicious_weight) > 0
 
 
@@ -347,12 +352,7 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     by_columns, m_columns = jax.jit(make_round(setup))(state, hp, setup.data)
     monkeypatch.setattr(rounds, "runs_by_columns", lambda *a: False)
     gathered, m_gathered = jax.jit(make_round(setup))(state, hp, setup.data)
-    for got, want in zip(
-        jax.tree.leaves(by_columns.params), jax.tree.leaves(gathered.params), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(m_columns, m_gathered, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_round((by_columns, m_columns), (gathered, m_gathered))
     assert float(m_gathered.malicious_weight) > 0
 
 
@@ -509,12 +509,7 @@ def test_nodes_aggregated_in_chunks_equal_all_at_once():
     whole, m_whole = jax.jit(make_round(setup))(state, hp, setup.data)
     chunked_setup = with_layout(setup, client_chunk=4)
     chunked, m_chunked = jax.jit(make_round(chunked_setup))(state, hp, setup.data)
-    for got, want in zip(
-        jax.tree.leaves(chunked.params), jax.tree.leaves(whole.params), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    for got, want in zip(m_chunked, m_whole, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    _assert_same_round((chunked, m_chunked), (whole, m_whole), rtol=1e-6)
 
 
 def test_victims_are_named_nodes_and_get_their_own_metrics():
