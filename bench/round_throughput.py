@@ -300,9 +300,8 @@ def pick_torch_threads(host: HostData, steps: int, clients: int) -> tuple[int, d
     return best, probe
 
 
-def torch_loop(host: HostData, steps: int, clients: int):
-    """ByzFL / FLPoison style: one deepcopy of the global model per client, torch SGD over
-    its batches, state_dict deltas collected, then averaged (weighted by sample count)."""
+def torch_setup(host: HostData):
+    """What both PyTorch loops start from: the seeded MLP, the data as tensors and the loss."""
     import torch
 
     torch.manual_seed(0)
@@ -310,9 +309,15 @@ def torch_loop(host: HostData, steps: int, clients: int):
         torch.nn.Flatten(), torch.nn.Linear(784, WIDTHS[0]), torch.nn.ReLU(),
         torch.nn.Linear(WIDTHS[0], 10),
     )  # fmt: skip
-    x_all = torch.from_numpy(host.x)
-    y_all = torch.from_numpy(host.y)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    return model, torch.from_numpy(host.x), torch.from_numpy(host.y), torch.nn.CrossEntropyLoss()
+
+
+def torch_loop(host: HostData, steps: int, clients: int):
+    """ByzFL / FLPoison style: one deepcopy of the global model per client, torch SGD over
+    its batches, state_dict deltas collected, then averaged (weighted by sample count)."""
+    import torch
+
+    model, x_all, y_all, loss_fn = torch_setup(host)
 
     def run():
         rng = np.random.default_rng(0)
@@ -346,14 +351,7 @@ def lean_torch_loop(host: HostData, steps: int, clients: int):
     batches), each delta added at once to a running weighted sum."""
     import torch
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(784, WIDTHS[0]), torch.nn.ReLU(),
-        torch.nn.Linear(WIDTHS[0], 10),
-    )  # fmt: skip
-    x_all = torch.from_numpy(host.x)
-    y_all = torch.from_numpy(host.y)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    model, x_all, y_all, loss_fn = torch_setup(host)
     global_sd = {k: v.clone() for k, v in model.state_dict().items()}
     local = copy.deepcopy(model)
     opt = torch.optim.SGD(local.parameters(), lr=LR)
