@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import machine  # bench/machine.py: what every results file records
+from sweep import FEDSIM, ROOT, timed  # one timed `fedsim` subprocess, as the sweep bench
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "default_run.json"
 
 
@@ -27,11 +24,7 @@ def one_run() -> dict:
     """Run ``fedsim run configs/default.yaml`` once; its wall time and final summary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        fedsim = Path(sys.executable).with_name("fedsim")
-        cmd = [str(fedsim), "run", "configs/default.yaml", "--out", str(out), "--quiet"]
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-        wall = time.perf_counter() - start
+        wall = timed([*FEDSIM, "run", "configs/default.yaml", "--out", str(out), "--quiet"])
         summary = json.loads((out / "summary.json").read_text())
     final = summary["final"]
     return {
