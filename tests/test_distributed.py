@@ -4,14 +4,18 @@ through gloo, jax's default CPU implementation since 0.4.3x). Each process owns 
 device, the mesh's ``clients`` axis spans both, so every round exchanges data between the
 processes. What is tested: a two-process ``fedsim run`` writes one run folder whose
 metrics equal (bitwise) the one-process run's, and a two-process sweep writes each run
-exactly once (from process 0) with the one-process sweep's metrics. Not tested here:
-several hosts, GPUs, and checkpoints under several processes."""
+exactly once (from process 0) with the one-process sweep's metrics; (slow) a two-process
+run killed with ``kill -9`` in both processes resumes from process 0's latest checkpoint
+and ends bitwise equal to an uninterrupted run. Not tested here: several hosts, GPUs,
+SIGTERM under several processes."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +58,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(args: list[str], tmp_path: Path, timeout: float = 240) -> list[str]:
-    """Run ``fedsim ARGS --distributed`` as processes 0 and 1; returns their output."""
+def _start_two(args: list[str], tmp_path: Path) -> list[subprocess.Popen]:
+    """Start ``fedsim ARGS --distributed`` as processes 0 and 1."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -73,6 +77,12 @@ def _two_processes(args: list[str], tmp_path: Path, timeout: float = 240) -> lis
                 cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
+    return procs
+
+
+def _two_processes(args: list[str], tmp_path: Path, timeout: float = 240) -> list[str]:
+    """Run ``fedsim ARGS --distributed`` as processes 0 and 1; returns their output."""
+    procs = _start_two(args, tmp_path)
     errs = []
     try:
         for proc in procs:
@@ -92,22 +102,60 @@ def _history(folder: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
 
 
+def _one_process_two_devices(sets: list[str], out: Path) -> None:
+    """``fedsim run configs/digits.yaml`` in one process holding two CPU devices (the
+    two-process runs' split of the clients)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", "configs/digits.yaml", *sets]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), "--quiet"], cwd=ROOT, env=env, capture_output=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_two_process_run_equals_one_process_run(tmp_path):
     """Bitwise against one process holding two devices (the same split of the clients,
     its collectives inside the process); against one device the sums over clients
     associate otherwise (tests/test_sharding.py checks those to 1e-5)."""
     two, one = tmp_path / "two", tmp_path / "one"
     _two_processes(["run", "configs/digits.yaml", *SETS, "--out", str(two)], tmp_path)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    cmd = [sys.executable, "-m", "fedsim.cli", "run", "configs/digits.yaml", *SETS]
-    proc = subprocess.run(
-        [*cmd, "--out", str(one), "--quiet"], cwd=ROOT, env=env, capture_output=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr
+    _one_process_two_devices(SETS, one)
     assert sorted(p.name for p in two.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     assert [r["round"] for r in _history(two)] == [2, 4]  # one writer: no line twice
     assert _history(two) == _history(one)  # every metric, bitwise
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_after_kill_dash_9_bitwise(tmp_path):
+    """Both processes killed with SIGKILL once process 0 has saved two checkpoints; the same
+    two-process command resumes from the latest (every process reads it) and ends with
+    the metrics of an uninterrupted run, bitwise."""
+    sets = [*SETS]
+    for item in ("rounds=400", "eval_every=20", "checkpoint_every=50"):
+        sets += ["--set", item]
+    out, whole = tmp_path / "cut", tmp_path / "whole"
+    args = ["run", "configs/digits.yaml", *sets, "--out", str(out)]
+    procs = _start_two(args, tmp_path)
+    checkpoints = out / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if len([p for p in checkpoints.glob("*") if p.name.isdigit()]) >= 2:
+            break
+        time.sleep(0.01)
+    for proc in procs:
+        assert proc.poll() is None, proc.communicate()[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists(), "the kill should land mid-run"
+    saved = max(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit())
+    assert 0 < saved < 400
+    errs = _two_processes(args, tmp_path)
+    assert f"resuming {out} from round {saved}" in errs[0]  # not from round 0
+    _one_process_two_devices(sets, whole)
+    assert [r["round"] for r in _history(out)] == list(range(20, 401, 20))  # no line twice
+    assert _history(out) == _history(whole)  # every metric, bitwise
+    assert not checkpoints.exists()
 
 
 def test_two_process_sweep_writes_each_run_once(tmp_path):
