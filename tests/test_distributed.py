@@ -5,9 +5,9 @@ device, the mesh's ``clients`` axis spans both, so every round exchanges data be
 processes. What is tested: a two-process ``fedsim run`` writes one run folder whose
 metrics equal (bitwise) the one-process run's, and a two-process sweep writes each run
 exactly once (from process 0) with the one-process sweep's metrics; (slow) a two-process
-run killed with ``kill -9`` in both processes resumes from process 0's latest checkpoint
-and ends bitwise equal to an uninterrupted run. Not tested here: several hosts, GPUs,
-SIGTERM under several processes."""
+run killed with ``kill -9`` in both processes, or stopped by SIGTERM to one of them,
+resumes from process 0's latest checkpoint and ends bitwise equal to an uninterrupted
+run. Not tested here: several hosts, GPUs."""
 
 import json
 import os
@@ -127,10 +127,12 @@ def test_two_process_run_equals_one_process_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_run_resumes_after_kill_dash_9_bitwise(tmp_path):
-    """Both processes killed with SIGKILL once process 0 has saved two checkpoints; the same
-    two-process command resumes from the latest (every process reads it) and ends with
-    the metrics of an uninterrupted run, bitwise."""
+@pytest.mark.parametrize("how", ["kill -9 both", "SIGTERM to process 1"])
+def test_two_process_run_stopped_resumes_bitwise(tmp_path, how):
+    """Once process 0 has saved two checkpoints, either both processes are killed with
+    SIGKILL, or process 1 alone gets SIGTERM (both must agree to stop, process 0 saves,
+    both exit 143). The same two-process command resumes from the latest checkpoint
+    (every process reads it) and ends with an uninterrupted run's metrics, bitwise."""
     sets = [*SETS]
     for item in ("rounds=400", "eval_every=20", "checkpoint_every=50"):
         sets += ["--set", item]
@@ -145,11 +147,20 @@ def test_two_process_run_resumes_after_kill_dash_9_bitwise(tmp_path):
         time.sleep(0.01)
     for proc in procs:
         assert proc.poll() is None, proc.communicate()[0]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (out / "summary.json").exists(), "the kill should land mid-run"
+    if how == "kill -9 both":
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    else:
+        os.kill(procs[1].pid, signal.SIGTERM)
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+        assert [proc.returncode for proc in procs] == [143, 143], outputs
+        assert "stopped by SIGTERM" in outputs[0] and "Traceback" not in "".join(outputs)
+    assert not (out / "summary.json").exists(), "the stop should land mid-run"
     saved = max(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit())
     assert 0 < saved < 400
+    if how != "kill -9 both":
+        assert f"checkpoint at round {saved}" in outputs[0]
     errs = _two_processes(args, tmp_path)
     assert f"resuming {out} from round {saved}" in errs[0]  # not from round 0
     _one_process_two_devices(sets, whole)
