@@ -488,9 +488,12 @@ def runs_by_columns(spec, topo, attack) -> bool:
 
 def over_column_blocks(step, carry, d: int, width: int = COLUMN_BLOCK):
     """``carry = step(carry, lo, c)`` for every block of ``width`` columns of ``d`` (``lo``
-    traced), then for the narrower last block (``lo``, ``c`` static)."""
+    traced), then for the narrower last block (``lo``, ``c`` static). With fewer than
+    ``width`` columns that block is the only one: a loop of no blocks would still trace
+    its body, slicing more columns than there are."""
     full = d // width
-    carry = jax.lax.fori_loop(0, full, lambda b, acc: step(acc, b * width, width), carry)
+    if full:
+        carry = jax.lax.fori_loop(0, full, lambda b, acc: step(acc, b * width, width), carry)
     return step(carry, full * width, d - full * width) if d % width else carry
 
 

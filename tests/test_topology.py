@@ -322,20 +322,25 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
     assert float(m_dense.malicious_weight) > 0
 
 
+WIDER = "wider than the model"  # one block, narrower than the width asked
+
+
 @pytest.mark.parametrize(
-    "rule",
+    "rule, width",
     [
-        "{name: gossip}",
-        pytest.param("{name: mean}", marks=pytest.mark.slow),  # as gossip, weights fixed
-        "{name: median}",
-        pytest.param("{name: trimmed_mean, beta: 0.25}", marks=pytest.mark.slow),  # as median
-        "{name: self_centered_clipping, tau: 0.05}",
+        ("{name: gossip}", 100),
+        pytest.param("{name: mean}", 100, marks=pytest.mark.slow),  # as gossip, weights fixed
+        ("{name: median}", 100),
+        pytest.param("{name: trimmed_mean, beta: 0.25}", 100, marks=pytest.mark.slow),
+        ("{name: self_centered_clipping, tau: 0.05}", 100),
+        ("{name: self_centered_clipping, tau: 0.05}", WIDER),
     ],
 )
-def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch, rule):
+def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch, rule, width):
     """A 4 x 4 torus round with a columnwise rule at every node (a quarter of the nodes
     flipping labels) gives the same models and metrics run one block of columns at a
-    time (blocks of 100 columns and a narrower last one) as on the gathered
+    time (blocks of 100 columns and a narrower last one; or blocks wider than the model,
+    as a small model has fewer columns than ``COLUMN_BLOCK``) as on the gathered
     neighbourhoods."""
     import fedsim.round as rounds
 
@@ -345,9 +350,10 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     _, attack = components(setup)
     assert rounds.runs_by_columns(setup.spec, topology_of(setup.spec), attack)
     assert setup.n_params % 100 != 0
-    monkeypatch.setattr(
-        rounds, "by_column_blocks", functools.partial(rounds.by_column_blocks, width=100)
-    )
+    width = setup.n_params + 28 if width == WIDER else width
+    for name in ("by_column_blocks", "edge_sq_distances"):
+        blocked = functools.partial(getattr(rounds, name), width=width)
+        monkeypatch.setattr(rounds, name, blocked)
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     by_columns, m_columns = jax.jit(make_round(setup))(state, hp, setup.data)
     monkeypatch.setattr(rounds, "runs_by_columns", lambda *a: False)
