@@ -61,6 +61,36 @@ def test_one_tiny_point_runs(exp):
     assert history[-1]["finite"]
 
 
+@pytest.mark.parametrize(
+    "exp, quick",
+    [(e, True) for e in EXPERIMENTS]
+    + [pytest.param(e, False, marks=pytest.mark.slow) for e in EXPERIMENTS],
+    ids=[f"{n}-quick" for n in NAMES] + [f"{n}-full" for n in NAMES],
+)
+def test_every_program_traces(exp, quick):
+    """Every compiled program of the experiment's quick form (in ``make test``) and full
+    form (slow) traces, one per Spec: its round's shapes are worked out without compiling
+    or running, and the memory planner lays each group out within 8 GiB as the sweep
+    would before running, so a setting only some points of a sweep reach (a model
+    narrower than a column block, a graph only one point uses) fails here rather than
+    hours into ``make paper``."""
+    import jax
+
+    from fedsim import memory
+    from fedsim.round import make_init, make_round
+    from fedsim.setup import prepare
+    from fedsim.sweep import check_layout, group_runs
+
+    groups = group_runs(load_sweep(exp.sweep, quick=quick).runs)
+    assert groups
+    for spec, runs, hparams in groups:
+        setup = prepare(spec)
+        check_layout(setup, len(runs), 8 * memory.GB, None, None)  # fits 8 GiB, as a sweep checks
+        state = jax.eval_shape(make_init(setup), jax.random.PRNGKey(0), hparams[0])
+        after, metrics = jax.eval_shape(make_round(setup), state, hparams[0], setup.data)
+        assert jax.tree.structure(after) == jax.tree.structure(state), spec
+
+
 def test_quick_block_mistakes_are_errors():
     doc = {"base": {"data": {"name": "digits"}}, "grid": {"client.lr": [0.1, 0.2]}}
     with pytest.raises(ConfigError, match="no 'quick' block"):
