@@ -527,13 +527,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_paper(args) -> int:
+    import threading
+
     from fedsim import paper
+    from fedsim.checkpoint import on_sigterm
 
     exps = paper.load_manifest(args.manifest, args.only)
     out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
     t0 = time.perf_counter()
     if not args.report_only:
-        paper.run_paper(exps, out, quick=args.quick, quiet=args.quiet)
+        stop = threading.Event()
+        with on_sigterm(stop):
+            paper.run_paper(exps, out, quick=args.quick, quiet=args.quiet, stop=stop)
     path = paper.write_paper_report(exps, out, quick=args.quick)
     print(f"paper: {len(exps)} experiments, {time.perf_counter() - t0:.1f} s -> {path}")
     return 0

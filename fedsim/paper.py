@@ -80,16 +80,20 @@ def load_manifest(path: str | Path = MANIFEST, only=None) -> list[Experiment]:
     return [e for e in exps if not only or e.name in only]
 
 
-def run_paper(exps: list[Experiment], out: Path, quick: bool = False, quiet: bool = False):
+def run_paper(
+    exps: list[Experiment], out: Path, quick: bool = False, quiet: bool = False, stop=None
+):
     """Run every experiment's sweep (its reduced form with ``quick``) into ``out/<name>``;
-    every sweep file is expanded and checked before the first run starts."""
+    every sweep file is expanded and checked before the first run starts. ``stop`` (a
+    ``threading.Event``, set by SIGTERM) checkpoints the batch in flight and stops, as
+    ``run_sweep`` does."""
     from fedsim.sweep import load_sweep, run_sweep
 
     sweeps = [(e, load_sweep(e.sweep, quick=quick)) for e in exps]
     for e, sweep in sweeps:
         if not quiet:
             print(f"paper: {e.name} ({len(sweep.runs)} runs)", flush=True)
-        run_sweep(sweep, out / e.name, quiet=quiet)
+        run_sweep(sweep, out / e.name, quiet=quiet, stop=stop)
 
 
 def _report_options(report: dict) -> dict:

@@ -18,6 +18,8 @@ from fedsim.report.data import Record, conflict_points
 from fedsim.report.derived import with_collaboration_gain, with_malicious_share
 from fedsim.sweep import expand, load_sweep
 
+ROOT = Path(__file__).resolve().parents[1]
+
 EXPERIMENTS = paper.load_manifest()
 NAMES = [e.name for e in EXPERIMENTS]
 # one experiment's tiny point runs in `make test`; the others under `make test-slow`
@@ -271,3 +273,49 @@ def test_paper_report_writes_and_links_every_figure(tmp_path):
     assert "## 1. A tiny experiment" in text and "It tests the report." in text
     assert "#### final honest clients used" in text  # the extra table metric
     assert "2 seeds" in text and "± " in text
+
+
+def test_sigterm_stops_paper_at_a_checkpoint_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """``fedsim paper`` stopped by SIGTERM saves the batch in flight and exits 143 with the
+    one-line message, as ``fedsim sweep`` does (it used to die without a checkpoint);
+    the same command then resumes that batch instead of starting it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    base = yaml.safe_load((ROOT / "configs/digits.yaml").read_text())
+    base.update(rounds=600, eval_every=20, checkpoint_every=100)
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump({"base": base}))
+    manifest = {"experiments": [{"name": "long", "sweep": "long.yaml", "title": "long"}]}
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(manifest))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fedsim.cli", "paper", "--manifest", str(tmp_path / "paper.yaml")]
+    cmd += ["--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("long/checkpoints/*/[0-9]*")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    err = proc.stderr.read().decode().strip()
+    assert err.count("\n") == 0 and "stopped by SIGTERM" in err and "Traceback" not in err
+    from fedsim import checkpoint
+
+    resumed = []
+    resume = checkpoint.Saver.resume
+
+    def spy(self, state, part, done, t0):
+        result = resume(self, state, part, done, t0)
+        resumed.append(result[2])
+        return result
+
+    monkeypatch.setattr(checkpoint.Saver, "resume", spy)
+    assert main(cmd[3:]) == 0
+    assert any(r > 0 for r in resumed), "the batch in flight should resume, not restart"
+    (run,) = (out / "long" / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 600
