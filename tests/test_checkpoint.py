@@ -52,6 +52,33 @@ def _wait_for_steps(proc, folder: Path, n: int, timeout: float = 120) -> None:
     assert len(_steps(folder)) >= n, "no checkpoint appeared"
 
 
+def sigterm_at_a_checkpoint(args: list[str], checkpoints: Path) -> str:
+    """Start ``fedsim ARGS``, send SIGTERM once a batch has saved a step under
+    ``checkpoints`` (``<batch>/<step>``); asserts exit code 143 and returns its stderr."""
+    proc = _start(args)
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("*/[0-9]*")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    return proc.stderr.read().decode().strip()
+
+
+def spy_on_resume(monkeypatch) -> list[int]:
+    """The rounds every ``Saver.resume`` of this process resumes from (0: a fresh start)."""
+    resumed = []
+    resume = checkpoint.Saver.resume
+
+    def spy(self, state, part, done, t0):
+        result = resume(self, state, part, done, t0)
+        resumed.append(result[2])
+        return result
+
+    monkeypatch.setattr(checkpoint.Saver, "resume", spy)
+    return resumed
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
@@ -160,22 +187,11 @@ def test_sweep_resumes_the_batch_in_flight_bitwise(tmp_path, monkeypatch):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc))
     out, whole = tmp_path / "cut", tmp_path / "whole"
-    proc = _start(["sweep", str(path), "--out", str(out), "--max-batch", "1"])
-    deadline = time.time() + 120
-    while not list(out.glob("checkpoints/*/[0-9]*")) and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
-    assert "stopped by SIGTERM" in proc.stderr.read().decode()
-    resumed = []
-    resume = checkpoint.Saver.resume
-
-    def spy(self, state, part, done, t0):
-        result = resume(self, state, part, done, t0)
-        resumed.append(result[2])
-        return result
-
-    monkeypatch.setattr(checkpoint.Saver, "resume", spy)
+    err = sigterm_at_a_checkpoint(
+        ["sweep", str(path), "--out", str(out), "--max-batch", "1"], out / "checkpoints"
+    )
+    assert "stopped by SIGTERM" in err
+    resumed = spy_on_resume(monkeypatch)
     assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 0
     assert any(r > 0 for r in resumed), "the batch in flight should resume, not restart"
     assert not any((out / "checkpoints").iterdir())

@@ -279,13 +279,8 @@ def test_sigterm_stops_paper_at_a_checkpoint_and_the_rerun_resumes(tmp_path, mon
     """``fedsim paper`` stopped by SIGTERM saves the batch in flight and exits 143 with the
     one-line message, as ``fedsim sweep`` does (it used to die without a checkpoint);
     the same command then resumes that batch instead of starting it again."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import yaml
+    from test_checkpoint import sigterm_at_a_checkpoint, spy_on_resume
 
     base = yaml.safe_load((ROOT / "configs/digits.yaml").read_text())
     base.update(rounds=600, eval_every=20, checkpoint_every=100)
@@ -293,29 +288,11 @@ def test_sigterm_stops_paper_at_a_checkpoint_and_the_rerun_resumes(tmp_path, mon
     manifest = {"experiments": [{"name": "long", "sweep": "long.yaml", "title": "long"}]}
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(manifest))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fedsim.cli", "paper", "--manifest", str(tmp_path / "paper.yaml")]
-    cmd += ["--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(out.glob("long/checkpoints/*/[0-9]*")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
-    err = proc.stderr.read().decode().strip()
+    args = ["paper", "--manifest", str(tmp_path / "paper.yaml"), "--out", str(out)]
+    err = sigterm_at_a_checkpoint(args, out / "long" / "checkpoints")
     assert err.count("\n") == 0 and "stopped by SIGTERM" in err and "Traceback" not in err
-    from fedsim import checkpoint
-
-    resumed = []
-    resume = checkpoint.Saver.resume
-
-    def spy(self, state, part, done, t0):
-        result = resume(self, state, part, done, t0)
-        resumed.append(result[2])
-        return result
-
-    monkeypatch.setattr(checkpoint.Saver, "resume", spy)
-    assert main(cmd[3:]) == 0
+    resumed = spy_on_resume(monkeypatch)
+    assert main([*args, "--quiet"]) == 0
     assert any(r > 0 for r in resumed), "the batch in flight should resume, not restart"
     (run,) = (out / "long" / "runs").iterdir()
     assert json.loads((run / "summary.json").read_text())["rounds"] == 600
