@@ -36,6 +36,7 @@ from fedsim.registry import ConfigError
 BLOCK_ENTRIES = 1 << 20  # entries per column block: its 16-bit key halves fill L2 (2 MB)
 _TOP = jnp.uint32(0xFFFFFFFF)
 _TOP16 = jnp.uint16(0xFFFF)
+FEW_ROWS = 16  # up to this many rows an order statistic counts pairs (``select_few``)
 UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 
 
@@ -373,8 +374,13 @@ def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
        decision changes.
 
     Rows are padded with the max key, which likewise never changes a decision.
+
+    With at most ``FEW_ROWS`` rows (a peer-to-peer neighbourhood) the answer is found by
+    counting instead (``select_few``): fewer compares than 32 passes over so few rows.
     """
     n, width = keys.shape
+    if n <= FEW_ROWS:
+        return select_few(keys, rank)
     groups, inner = row_layout(n)
     keys = _pad_rows(keys, groups * inner, _TOP).reshape(groups, inner, width)
     need = rank.astype(jnp.int16 if n <= 32767 else jnp.int32)[:, None] + 1
@@ -384,6 +390,25 @@ def select_keys(keys: jax.Array, rank: jax.Array) -> jax.Array:
     low = jnp.where(high[None] < top, jnp.uint16(0), jnp.where(high[None] > top, _TOP16, low))
     bottom = _digit_search(low, need, 16)
     return (top[:, 0, 0].astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+
+
+def select_few(keys: jax.Array, rank: jax.Array) -> jax.Array:
+    """``select_keys`` for few rows: the smallest key ``v`` among the rows with
+    ``count(keys <= v) > rank``, counting each row's ``<=`` by comparing it with every row.
+
+    ``keys [n, B]``, ``rank [r]``; ``n²`` compares per column. A loop over the candidate
+    rows: its result is materialised once, where XLA:CPU would otherwise fuse all ``n²``
+    compares into every consumer of the answer (an optimization barrier does not stop it).
+    """
+    n, width = keys.shape
+    rows = [keys[j] for j in range(n)]
+
+    def pick(i, best):
+        row = lax.dynamic_index_in_dim(keys, i, keepdims=False)
+        count = _tree(jnp.add, [(r <= row).astype(jnp.int32) for r in rows])
+        return jnp.minimum(best, jnp.where(count[None] > rank[:, None], row[None], _TOP))
+
+    return lax.fori_loop(0, n, pick, jnp.full((rank.shape[0], width), _TOP))
 
 
 def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
@@ -441,17 +466,23 @@ def tie_share(x, present, value, share):
 
 
 def middle_values(x, present, m):
-    """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column.
+    """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column
+    (NaN sorts last, so either may be NaN).
 
-    One radix select finds the lower middle value; the upper one is either the same value
-    (enough copies) or the smallest value above it.
+    Few rows: both ranks in one ``select_few``. Else one radix select finds the lower
+    middle value; the upper one is either the same value (enough copies) or the smallest
+    key above it.
     """
     m = jnp.asarray(m)
-    (lo,) = select(x, present, ((m - 1) // 2)[None])
-    p = present[:, None]
-    enough = jnp.sum(p & (x <= lo), axis=0) >= m // 2 + 1
-    hi = jnp.where(enough, lo, jnp.min(jnp.where(p & (x > lo), x, jnp.inf), axis=0))
-    return lo, hi
+    keys = to_keys(x, present)
+    ranks = jnp.stack([(m - 1) // 2, m // 2])
+    if keys.shape[0] <= FEW_ROWS:
+        lo, hi = select_few(keys, ranks)
+    else:
+        (lo,) = select_keys(keys, ranks[:1])
+        enough = jnp.sum(keys <= lo, axis=0) >= m // 2 + 1
+        hi = jnp.where(enough, lo, jnp.min(jnp.where(keys > lo, keys, _TOP), axis=0))
+    return from_keys(lo), from_keys(hi)
 
 
 def median_block(x, present, m):

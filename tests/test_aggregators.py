@@ -172,12 +172,19 @@ def _uses_f(name):
 
 
 def _jitted(name, f, n_clients):
-    # rules without an f share one compiled function across the tests' values of f
-    return _compiled(name, f if _uses_f(name) else None, n_clients)
+    # rules without an f share one compiled function across the tests' values of f; the
+    # order statistics' path (``ops.FEW_ROWS``, patched by tests) is part of what is traced
+    return _compiled(name, f if _uses_f(name) else None, n_clients, ops.FEW_ROWS)
+
+
+# Order statistics count pairs up to ``ops.FEW_ROWS`` rows and run the radix select above;
+# the kernel tests run both ways, and every rule built on them is checked both ways against
+# its reference (``test_order_statistic_rules_by_radix_select``).
+BOTH_SELECTS = pytest.mark.parametrize("few_rows", [ops.FEW_ROWS, 0], ids=["counted", "radix"])
 
 
 @functools.cache
-def _compiled(name, f, n_clients):
+def _compiled(name, f, n_clients, few_rows):
     agg = make(name, **_options(name, f or 0))
 
     @jax.jit
@@ -404,6 +411,38 @@ def test_foolsgold_history_follows_client_ids():
 
 
 # --- corners: few present rows, weights as shares, distances near convergence --------------
+
+ORDER_STATISTIC_RULES = ["median", "trimmed_mean", "meamed", "bulyan", "signguard"]
+
+
+@pytest.mark.parametrize("name", ORDER_STATISTIC_RULES)
+def test_order_statistic_rules_by_radix_select(monkeypatch, name):
+    # the tests' few rows go through the pair counting; the same cases by radix select
+    monkeypatch.setattr(ops, "FEW_ROWS", 0)
+    cases = [(_data(n, d, seed), f, _env(d, seed)) for n, d, f, seed in SHAPES]
+    cases += [(_data(11, 6, 3, kind), 2, _env(6)) for kind in EDGES]
+    cases.append((_adversarial("nan", _env(6)), 2, _env(6)))
+    for (x, w), f, env in cases:
+        out, weight = _run(name, x, w, f, env)
+        want_out, want_weight = CASES[name].ref(x, w, env, f)
+        _close(out, want_out)
+        _close(weight, want_weight)
+
+
+@BOTH_SELECTS
+def test_median_of_a_nan_middle_row_is_nan(monkeypatch, few_rows):
+    # NaN sorts last: with half the present rows NaN in a column the upper middle value is
+    # NaN, so is the median (it was +inf: the value above the lower middle was looked for
+    # among the finite values only)
+    monkeypatch.setattr(ops, "FEW_ROWS", few_rows)
+    x = np.random.default_rng(30).standard_normal((6, 3)).astype(np.float32)
+    x[[1, 4, 5], 0] = np.nan
+    w = np.ones(6, np.float32)
+    out, weight = _run("median", x, w, 0, _env(3))
+    want_out, want_weight = CASES["median"].ref(x, w, _env(3), 0)
+    assert np.isnan(out[0]) and np.isnan(want_out[0])
+    _close(out, want_out)
+    _close(weight, want_weight)
 
 
 @pytest.mark.parametrize(
@@ -716,7 +755,9 @@ def test_bucketing_spoils_only_its_bucket():
 # --- kernels --------------------------------------------------------------------------------
 
 
-def test_radix_select_matches_sort_on_special_values():
+@BOTH_SELECTS
+def test_radix_select_matches_sort_on_special_values(monkeypatch, few_rows):
+    monkeypatch.setattr(ops, "FEW_ROWS", few_rows)
     rng = np.random.default_rng(18)
     # no subnormals: XLA on CPU flushes them to zero
     special = np.array(
@@ -729,8 +770,10 @@ def test_radix_select_matches_sort_on_special_values():
     np.testing.assert_array_equal(got, np.sort(x, axis=0))
 
 
-@pytest.mark.parametrize("n", [1, 7, 101, 1000, 9001])
-def test_radix_select_any_row_count(n):
+@BOTH_SELECTS
+@pytest.mark.parametrize("n", [1, 7, 16, 101, 1000, 9001])
+def test_radix_select_any_row_count(monkeypatch, n, few_rows):
+    monkeypatch.setattr(ops, "FEW_ROWS", few_rows)
     # row counts that need padding, and one past 127 groups (wider partial counts)
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, 5)).astype(np.float32)
