@@ -14,7 +14,9 @@ two 16-bit halves (``select_keys``) with the counts added as trees of row slices
 ``row_layout``). Columns are processed in blocks (``lax.fori_loop`` over column blocks)
 so one block of the ``[n, d]`` matrix stays in cache during its passes. Ranks may be
 traced (they depend on the number of present clients), which a static ``lax.top_k``
-could not offer.
+could not offer. Up to ``FEW_ROWS`` rows (a peer-to-peer neighbourhood: its rule is
+vmapped over the nodes) each row's rank is counted by comparing it with every other row
+instead (``select_few``).
 
 Conventions shared by the coordinate-wise rules (median, trimmed mean, MeaMed, Bulyan):
 values are compared as floats (``-0.0 == 0.0``); a value tied with others at a selected

@@ -470,7 +470,7 @@ def over_nodes(fn, args, chunk: int | None):
     return jax.lax.map(lambda xs: fn(*xs), args, batch_size=chunk)
 
 
-COLUMN_BLOCK = 32  # columns of every neighbourhood a columnwise peer-to-peer rule holds at once
+COLUMN_BLOCK = 128  # columns of every neighbourhood a columnwise peer-to-peer rule holds at once
 
 
 def runs_by_columns(spec, topo, attack) -> bool:
