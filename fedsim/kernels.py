@@ -471,15 +471,15 @@ def middle_values(x, present, m):
     """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column
     (NaN sorts last, so either may be NaN).
 
-    Few rows: both ranks in one ``select_few``. Else one radix select finds the lower
+    Few rows: both ranks in one ``select_keys`` (it counts). Else one radix select finds the lower
     middle value; the upper one is either the same value (enough copies) or the smallest
     key above it.
     """
     m = jnp.asarray(m)
     keys = to_keys(x, present)
     ranks = jnp.stack([(m - 1) // 2, m // 2])
-    if keys.shape[0] <= FEW_ROWS:
-        lo, hi = select_few(keys, ranks)
+    if keys.shape[0] <= FEW_ROWS:  # counting: a second rank costs a few selects more
+        lo, hi = select_keys(keys, ranks)
     else:
         (lo,) = select_keys(keys, ranks[:1])
         enough = jnp.sum(keys <= lo, axis=0) >= m // 2 + 1
@@ -586,9 +586,8 @@ def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: 
 
     def fn(xb, fresh):
         out, weight = block_fn(xb, present)
-        if x.shape[0] <= FEW_ROWS:  # a sum fuses with the weights; a product reads them back
-            return out[None], jnp.sum(jnp.where(fresh, weight, 0), axis=1)
-        return out[None], dot(weight, fresh.astype(weight.dtype))
+        fresh_w = fresh.astype(weight.dtype)
+        return out[None], dot(weight, fresh_w)
 
     out, weight = by_column_blocks(fn, x, 1, block)
     return out[0], weight / x.shape[1]

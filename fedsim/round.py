@@ -486,19 +486,18 @@ def runs_by_columns(spec, topo, attack) -> bool:
     )
 
 
-def over_column_blocks(step, carry, d: int, width: int | None = None):
+def over_column_blocks(step, carry, d: int, width: int = COLUMN_BLOCK):
     """``carry = step(carry, lo, c)`` for every block of ``width`` columns of ``d`` (``lo``
     traced), then for the narrower last block (``lo``, ``c`` static). With fewer than
     ``width`` columns that block is the only one: a loop of no blocks would still trace
     its body, slicing more columns than there are."""
-    width = width or COLUMN_BLOCK
     full = d // width
     if full:
         carry = jax.lax.fori_loop(0, full, lambda b, acc: step(acc, b * width, width), carry)
     return step(carry, full * width, d - full * width) if d % width else carry
 
 
-def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | None = None):
+def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = COLUMN_BLOCK):
     """Every node's rule over its neighbourhood, ``width`` columns at a time, for a
     columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
     K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
@@ -524,7 +523,7 @@ def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | N
     return steps, weight / d, sq
 
 
-def edge_sq_distances(sent, index, width: int | None = None):
+def edge_sq_distances(sent, index, width: int = COLUMN_BLOCK):
     """``[n, K]`` squared L2 distance of each neighbourhood row ``sent[index[k, j]]`` to
     the node's own row ``sent[index[k, 0]]`` (itself first), summed over column blocks
     as ``by_column_blocks`` reads them (NaN where either row is non-finite)."""

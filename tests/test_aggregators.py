@@ -216,6 +216,15 @@ def _run(name, x, w, f, env, hparams=None):
     return np.asarray(out, np.float64), np.asarray(info.weight, np.float64)
 
 
+def _matches_reference(name, x, w, f, env):
+    """Assert rule ``name`` gives its reference's output and weights; returns both outputs."""
+    out, weight = _run(name, x, w, f, env)
+    want_out, want_weight = CASES[name].ref(x, w, env, f)
+    _close(out, want_out)
+    _close(weight, want_weight)
+    return out, want_out
+
+
 def _apply(agg, x, w, state=None, ctx=None):
     """Jitted ``agg.aggregate`` (eager op-by-op dispatch is slow)."""
     x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
@@ -262,10 +271,7 @@ def test_matches_reference(name):
     for n, d, f, seed in SHAPES:
         x, w = _data(n, d, seed)
         env = _env(d, seed)
-        out, weight = _run(name, x, w, f, env)
-        want_out, want_weight = CASES[name].ref(x, w, env, f)
-        _close(out, want_out)
-        _close(weight, want_weight)
+        _matches_reference(name, x, w, f, env)
 
 
 @pytest.mark.parametrize("name", REGISTRY.names())
@@ -276,10 +282,7 @@ def test_matches_reference_at_edges(name, kind):
     n, d, f = 11, 6, 2
     x, w = _data(n, d, 3, kind)
     env = _env(d)
-    out, weight = _run(name, x, w, f, env)
-    want_out, want_weight = CASES[name].ref(x, w, env, f)
-    _close(out, want_out)
-    _close(weight, want_weight)
+    _matches_reference(name, x, w, f, env)
 
 
 @pytest.mark.parametrize("name", ["krum", "multi_krum", "meamed", "dnc"])
@@ -289,10 +292,7 @@ def test_smallest_n_for_f(name):
     w[:] = 1
     x = np.nan_to_num(x)
     env = _env(d)
-    out, weight = _run(name, x, w, f, env)
-    want_out, want_weight = CASES[name].ref(x, w, env, f)
-    _close(out, want_out)
-    _close(weight, want_weight)
+    _matches_reference(name, x, w, f, env)
 
 
 @pytest.mark.parametrize(
@@ -323,10 +323,7 @@ def test_matches_reference_with_non_finite_rows(name):
     # more non-finite rows (NaN, +inf, -inf entries) than f: no rule may select one
     env = _env(6)
     x, w = _adversarial("nan", env)
-    out, weight = _run(name, x, w, 2, env)
-    want_out, want_weight = CASES[name].ref(x, w, env, 2)
-    _close(out, want_out)
-    _close(weight, want_weight)
+    _matches_reference(name, x, w, 2, env)
 
 
 @pytest.mark.parametrize("name", [n for n in REGISTRY.names() if CASES[n].subset])
@@ -423,10 +420,7 @@ def test_order_statistic_rules_by_radix_select(monkeypatch, name):
     cases += [(_data(11, 6, 3, kind), 2, _env(6)) for kind in EDGES]
     cases.append((_adversarial("nan", _env(6)), 2, _env(6)))
     for (x, w), f, env in cases:
-        out, weight = _run(name, x, w, f, env)
-        want_out, want_weight = CASES[name].ref(x, w, env, f)
-        _close(out, want_out)
-        _close(weight, want_weight)
+        _matches_reference(name, x, w, f, env)
 
 
 @BOTH_SELECTS
@@ -438,11 +432,8 @@ def test_median_of_a_nan_middle_row_is_nan(monkeypatch, few_rows):
     x = np.random.default_rng(30).standard_normal((6, 3)).astype(np.float32)
     x[[1, 4, 5], 0] = np.nan
     w = np.ones(6, np.float32)
-    out, weight = _run("median", x, w, 0, _env(3))
-    want_out, want_weight = CASES["median"].ref(x, w, _env(3), 0)
+    out, want_out = _matches_reference("median", x, w, 0, _env(3))
     assert np.isnan(out[0]) and np.isnan(want_out[0])
-    _close(out, want_out)
-    _close(weight, want_weight)
 
 
 @pytest.mark.parametrize(
@@ -464,10 +455,7 @@ def test_few_present_rows(name, m, f):
     w[[3, 7, 9][:m]] = [1.5, 0.7, 1.0][:m]
     x[w == 0] = np.nan
     env = _env(6)
-    out, weight = _run(name, x, w, f, env)
-    want_out, want_weight = CASES[name].ref(x, w, env, f)
-    _close(out, want_out)
-    _close(weight, want_weight)
+    _matches_reference(name, x, w, f, env)
 
 
 # With one present row the output is that row, weight one-hot, except where the rule's
