@@ -20,8 +20,10 @@ the device's name and the machine (``bench/machine.py``):
 - ``largest``: the largest client count, all participating, that runs (``scale.py``'s
   child, one subprocess per count, doubling until one fails or the time budget ends).
 
-A section that fails (out of memory, ...) records its error and the next one runs; one
-that would start after ``--budget-s`` seconds is recorded as skipped; ``--sections``
+Each section runs in a process of its own (jax keeps the GPU memory a process took until
+it ends). A section that fails (out of memory, a crashed or timed-out process, ...) records
+its error and the next one runs; one that would start after ``--budget-s`` seconds is
+recorded as skipped, one still running after ``--limit-s`` seconds is stopped; ``--sections``
 picks some. ``--tiny`` runs every section at sizes a CPU finishes in a minute or two
 (tests/test_bench_gpu.py), so the script cannot rot where no GPU is at hand.
 
@@ -32,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,12 +221,12 @@ def largest_rows(sizes: dict, deadline: float, peaks: dict) -> list:
     """``scale.py --child N/N`` for growing N until one fails or time runs out."""
     rows = []
     for n in sizes["largest"]:
-        if time.perf_counter() > deadline:
+        if time.time() > deadline:
             rows.append({"clients": n, "skipped": "time budget"})
             break
         cmd = [sys.executable, str(BENCH / "scale.py"), "--child", f"{n}/{n}"]
         cmd += ["--rounds", str(sizes["largest_rounds"])]
-        left = max(deadline - time.perf_counter(), 30)
+        left = max(deadline - time.time(), 30)
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
         except subprocess.TimeoutExpired:
@@ -290,18 +294,13 @@ def _guard_list(fn, *args) -> list:
         return [{"args": list(args[:2]), "error": _first_line(err)}]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
-    parser.add_argument("--out", type=Path, default=BENCH / "results")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="start no section after")
-    parser.add_argument(
-        "--sections", default=None, help="comma-separated subset of round,aggregators,sweep,largest"
-    )
-    args = parser.parse_args(argv)
-    chosen = None if args.sections is None else set(args.sections.split(","))
-    t0 = time.perf_counter()
-    deadline = t0 + args.budget_s
+SECTION_NAMES = ("round", "aggregators", "sweep", "largest")
+SPAWNING = ("sweep", "largest")  # sections whose work runs in fedsim processes they start
+
+
+def run_section(name: str, args) -> int:
+    """One section in this process (the child side of ``main``): ``peak`` measures and
+    writes the peaks; any other reads them from ``OUT/gpu_peak.json``."""
     device = jax.devices()[0]
     if device.platform == "cpu" and not args.tiny:
         print("bench/gpu.py: jax sees no GPU (make install GPU=1); --tiny runs CPU sizes")
@@ -312,25 +311,101 @@ def main(argv=None) -> int:
         "device_kind": device.device_kind,
         "tiny": args.tiny,
         "machine": machine.machine_info(),
-        "command": " ".join(["bench/gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": args.command,
     }
-    peaks = peak(sizes)
-    write(args.out, "peak", peaks, base)
+    if name == "peak":
+        write(args.out, "peak", peak(sizes), base)
+        return 0
+    peaks = json.loads((args.out / "gpu_peak.json").read_text())
+    peaks = {k: peaks[k] for k in ("matmul_n", "matmul_gflops", "copy_gbps")}
     base = {**base, "peaks": peaks}
-    for name, thunk in sections(sizes, args.out, peaks, deadline):
-        if chosen is not None and name not in chosen:
-            continue
-        if time.perf_counter() > deadline:
-            write(args.out, name, {"skipped": "time budget"}, base)
-            continue
-        start = time.perf_counter()
-        try:
-            payload = thunk()
-        except Exception as err:  # noqa: BLE001
-            payload = {"error": _first_line(err)}
-        write(args.out, name, {**payload, "seconds": time.perf_counter() - start}, base)
-    print(f"bench/gpu.py: {time.perf_counter() - t0:.0f} s on {device.device_kind}")
+    thunk = dict(sections(sizes, args.out, peaks, args.deadline))[name]
+    start = time.perf_counter()
+    try:
+        payload = thunk()
+    except Exception as err:  # noqa: BLE001
+        payload = {"error": _first_line(err)}
+    write(args.out, name, {**payload, "seconds": time.perf_counter() - start}, base)
     return 0
+
+
+def run_child(name: str, args, timeout: float) -> tuple[int | None, str]:
+    """``bench/gpu.py --section NAME`` in a fresh process, its output passed through;
+    (exit code or None if it timed out, its last line on stderr)."""
+    cmd = [sys.executable, __file__, "--section", name, "--out", str(args.out)]
+    cmd += ["--deadline", repr(args.deadline), "--command", args.command]
+    cmd += ["--tiny"] if args.tiny else []
+    env = dict(os.environ)
+    if name in SPAWNING:  # leave the device to the fedsim processes this one starts
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    reader = threading.Thread(target=_pass_through, args=(proc.stderr, tail), daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = None
+    reader.join(5)
+    return code, tail[-1] if tail else ""
+
+
+def _pass_through(stream, tail: list[str]) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+        if line.strip():
+            tail[:] = [line.strip()]
+
+
+def main(argv=None) -> int:
+    """Each section in its own process, one after another: a process that used the GPU
+    keeps its memory (jax's allocator holds what it took), so the next section, and the
+    fedsim processes the sweep and the largest count start, would find the device full."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="start no section after")
+    parser.add_argument(
+        "--limit-s", type=float, default=470.0, help="stop a section still running after"
+    )
+    parser.add_argument(
+        "--sections", default=None, help="comma-separated subset of " + ",".join(SECTION_NAMES)
+    )
+    parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # child side
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.section is not None:
+        return run_section(args.section, args)
+    chosen = SECTION_NAMES if args.sections is None else tuple(args.sections.split(","))
+    unknown = sorted(set(chosen) - set(SECTION_NAMES))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {SECTION_NAMES}")
+    t0 = time.perf_counter()
+    args.deadline = time.time() + args.budget_s  # wall clock: the children compare it too
+    args.command = " ".join(["bench/gpu.py", *(argv if argv is not None else sys.argv[1:])])
+    for name in ("peak", *[s for s in SECTION_NAMES if s in chosen]):
+        now = time.perf_counter()
+        if name != "peak" and time.time() > args.deadline:
+            _note(args.out, name, {"skipped": "time budget"})
+            continue
+        code, last = run_child(name, args, max(t0 + args.limit_s - now, 1.0))
+        if name == "peak" and code != 0:
+            return code if code is not None else 1
+        if code != 0:
+            why = "timed out" if code is None else f"exit {code}"
+            _note(args.out, name, {"error": f"section process {why}: {last}"[:300]})
+    print(f"bench/gpu.py: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _note(out: Path, section: str, payload: dict) -> None:
+    """A section that wrote nothing itself (skipped, killed, crashed): its file says why,
+    with the peak file's device and machine."""
+    base = json.loads((out / "gpu_peak.json").read_text())
+    base = {k: base[k] for k in ("device", "device_kind", "tiny", "machine", "command")}
+    write(out, section, payload, base)
 
 
 if __name__ == "__main__":
