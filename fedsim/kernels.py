@@ -31,13 +31,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fedsim.registry import ConfigError
 
 BLOCK_ENTRIES = 1 << 20  # entries per column block: its 16-bit key halves fill L2 (2 MB)
-_TOP = jnp.uint32(0xFFFFFFFF)
-_TOP16 = jnp.uint16(0xFFFF)
+# numpy scalars: a jnp constant here would start the device backend at import
+_TOP = np.uint32(0xFFFFFFFF)
+_TOP16 = np.uint16(0xFFFF)
 FEW_ROWS = 16  # up to this many rows an order statistic counts pairs (``select_few``)
 UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 

@@ -1,5 +1,6 @@
-"""The XLA flag fedsim adds on import (see fedsim/__init__.py): set once, only for the
-jaxlib versions that know it, never over the user's value, and off on request."""
+"""What importing fedsim does to XLA: the flag it adds (see fedsim/__init__.py), set once,
+only for the jaxlib versions that know it, never over the user's value, and off on request;
+and that importing starts no device backend."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def test_flag_added_beside_the_users_flags():
 def test_users_value_and_opt_out_are_respected():
     assert flags_after_import(XLA_FLAGS=f"{FLAG}=dot") == f"{FLAG}=dot"
     assert flags_after_import(FEDSIM_XLA_TUNING="0") == ""
+
+
+def test_importing_fedsim_starts_no_device_backend():
+    """Importing must leave the device untouched: settings read when the backend starts
+    (XLA_FLAGS, GPU memory preallocation) still apply, and a parent process that only
+    starts fedsim processes (bench/gpu.py, a sweep) holds no GPU memory."""
+    code = (
+        "import jax._src.xla_bridge as xb\n"
+        "import fedsim.aggregators, fedsim.attacks, fedsim.cli, fedsim.kernels, fedsim.paper\n"
+        "import fedsim.round, fedsim.runner, fedsim.setup, fedsim.sweep, fedsim.topology\n"
+        "print(xb.backends_are_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
