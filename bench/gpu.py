@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -218,9 +219,12 @@ def _flops_per_round(doc: dict) -> float:
 
 
 def largest_rows(sizes: dict, deadline: float, peaks: dict) -> list:
-    """``scale.py --child N/N`` for growing N until one fails or time runs out."""
-    rows = []
-    for n in sizes["largest"]:
+    """``scale.py --child N/N`` for growing N until one fails or time runs out; when the
+    memory planner refuses N and names the largest count that fits, that count is tried
+    once more, so the last successful row is the largest the planner allows."""
+    rows, counts, fits = [], list(sizes["largest"]), 0
+    while counts:
+        n = counts.pop(0)
         if time.time() > deadline:
             rows.append({"clients": n, "skipped": "time budget"})
             break
@@ -235,8 +239,13 @@ def largest_rows(sizes: dict, deadline: float, peaks: dict) -> list:
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()
             rows.append({"clients": n, "error": tail[-1] if tail else f"exit {proc.returncode}"})
+            planned = re.search(r"largest that fits: client\.participants=(\d+)", rows[-1]["error"])
+            if planned and fits < int(planned.group(1)) < n:
+                counts = [int(planned.group(1))]
+                continue
             break
         row = json.loads(proc.stdout.strip().splitlines()[-1])
+        fits = n
         # every sample belongs to one client and all clients train one epoch a round
         samples = scale.MNIST_TRAIN * (2 if row["dataset"] == "mnist_shift2" else 1)
         gflops = rt.FLOPS_PER_SAMPLE * samples * row["rounds_per_s"] / 1e9

@@ -57,3 +57,33 @@ def test_gpu_bench_refuses_to_run_full_sizes_on_a_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no GPU" in proc.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_largest_tries_the_count_the_planner_names(monkeypatch):
+    """A planner refusal naming a smaller count that fits gets one more try at that count;
+    a failure without such a count ends the search."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    tried = []
+
+    def fake_run(cmd, **kwargs):
+        n = int(cmd[cmd.index("--child") + 1].split("/")[0])
+        tried.append(n)
+        if n > 30:
+            err = f"ConfigError: {n} needs ...; largest that fits: client.participants=30"
+            return subprocess.CompletedProcess(cmd, 1, "", err)
+        row = {"clients": n, "dataset": "mnist", "rounds_per_s": 2.0}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(gpu.subprocess, "run", fake_run)
+    sizes = {"largest": [20, 40, 80], "largest_rounds": 1}
+    rows = gpu.largest_rows(sizes, deadline=float("inf"), peaks={"matmul_gflops": 1.0})
+    assert tried == [20, 40, 30]
+    assert [r["clients"] for r in rows] == [20, 40, 30]
+    assert "error" in rows[1] and rows[2]["rounds_per_s"] == 2.0
+    monkeypatch.setattr(
+        gpu.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom")
+    )
+    rows = gpu.largest_rows(sizes, deadline=float("inf"), peaks={"matmul_gflops": 1.0})
+    assert [r.get("error") for r in rows] == ["boom"]
