@@ -470,7 +470,9 @@ def over_nodes(fn, args, chunk: int | None):
     return jax.lax.map(lambda xs: fn(*xs), args, batch_size=chunk)
 
 
-COLUMN_BLOCK = 128  # columns of every neighbourhood a columnwise peer-to-peer rule holds at once
+# columns of every neighbourhood a columnwise peer-to-peer rule holds at once, unless the
+# rule asks for another width (``Rules.column_block``)
+COLUMN_BLOCK = 128
 
 
 def runs_by_columns(spec, topo, attack) -> bool:
@@ -621,7 +623,8 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             return jax.vmap(one)(rows, mine, index, weights, finite, far, agg_state, rule_keys)
 
         models = topo.exchange == "models"
-        steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models)
+        width = RULES.column_block(spec.aggregator) or COLUMN_BLOCK
+        steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models, width=width)
         local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
         present = weights > 0
         distances = jax.vmap(group_distances)(jnp.sqrt(sq), present, local.is_malicious)

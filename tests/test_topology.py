@@ -2,8 +2,6 @@
 whose nodes average is FedAvg, isolated nodes train alone, and what a peer-to-peer run
 refuses."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -325,12 +323,18 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
 WIDER = "wider than the model"  # one block, narrower than the width asked
 
 
+def _at_width(fn, width):
+    """``fn`` run at ``width`` columns, whatever width its caller (the rule) asks for."""
+    return lambda *args, **kw: fn(*args, **{**kw, "width": width})
+
+
 @pytest.mark.parametrize(
     "rule, width",
     [
         ("{name: gossip}", 100),
         pytest.param("{name: mean}", 100, marks=pytest.mark.slow),  # as gossip, weights fixed
         ("{name: median}", 100),
+        ("{name: median}", None),
         pytest.param("{name: trimmed_mean, beta: 0.25}", 100, marks=pytest.mark.slow),
         ("{name: self_centered_clipping, tau: 0.05}", 100),
         ("{name: self_centered_clipping, tau: 0.05}", WIDER),
@@ -339,9 +343,9 @@ WIDER = "wider than the model"  # one block, narrower than the width asked
 def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch, rule, width):
     """A 4 x 4 torus round with a columnwise rule at every node (a quarter of the nodes
     flipping labels) gives the same models and metrics run one block of columns at a
-    time (blocks of 100 columns and a narrower last one; or blocks wider than the model,
-    as a small model has fewer columns than ``COLUMN_BLOCK``) as on the gathered
-    neighbourhoods."""
+    time (blocks of 100 columns and a narrower last one; blocks wider than the model, as
+    a small model has fewer columns than ``COLUMN_BLOCK``; or the width the rule asks for,
+    the median's 32) as on the gathered neighbourhoods."""
     import fedsim.round as rounds
 
     setup, hp = _setup(
@@ -352,8 +356,8 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     assert setup.n_params % 100 != 0
     width = setup.n_params + 28 if width == WIDER else width
     for name in ("by_column_blocks", "edge_sq_distances"):
-        blocked = functools.partial(getattr(rounds, name), width=width)
-        monkeypatch.setattr(rounds, name, blocked)
+        if width is not None:  # None: the width the rule asks for
+            monkeypatch.setattr(rounds, name, _at_width(getattr(rounds, name), width))
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     by_columns, m_columns = jax.jit(make_round(setup))(state, hp, setup.data)
     monkeypatch.setattr(rounds, "runs_by_columns", lambda *a: False)
