@@ -140,12 +140,15 @@ def _column_block(setup, attack) -> int | None:
     """Columns of every neighbourhood held at once when the peer-to-peer round runs its
     rule by column blocks (``fedsim.round.runs_by_columns``), else None."""
     from fedsim.aggregators.base import REGISTRY as RULES
-    from fedsim.round import COLUMN_BLOCK, runs_by_columns
+    from fedsim.round import column_width, runs_by_columns
     from fedsim.setup import is_peer_to_peer, topology_of
 
     spec = setup.spec
     if is_peer_to_peer(spec) and runs_by_columns(spec, topology_of(spec), attack):
-        return RULES.column_block(spec.aggregator) or COLUMN_BLOCK
+        import jax
+
+        index, _ = jax.eval_shape(topology_of(spec).gather, jax.random.PRNGKey(0))
+        return column_width(*index.shape, RULES.column_entries(spec.aggregator))
     return None
 
 

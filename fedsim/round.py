@@ -18,6 +18,7 @@ attack, aggregation); client c trains with ``fold_in(train_key, c)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -470,9 +471,20 @@ def over_nodes(fn, args, chunk: int | None):
     return jax.lax.map(lambda xs: fn(*xs), args, batch_size=chunk)
 
 
-# columns of every neighbourhood a columnwise peer-to-peer rule holds at once, unless the
-# rule asks for another width (``Rules.column_block``)
-COLUMN_BLOCK = 128
+# gathered entries (nodes x rows x columns) a block of a columnwise peer-to-peer rule holds,
+# unless the rule asks for another size (``Rules.column_entries``): 128 columns at 1,000
+# nodes of nine rows
+COLUMN_ENTRIES = 1 << 20
+COLUMN_WIDTHS = (16, 4096)  # the narrowest and widest block
+
+
+def column_width(nodes: int, rows: int, entries: int | None = None) -> int:
+    """Columns per block of a rule run ``by_column_blocks``: about ``entries`` gathered
+    entries (``nodes x rows x width``), a power of two within ``COLUMN_WIDTHS``. A block
+    is one loop iteration: fewer nodes take wider blocks, whose fixed cost is repaid."""
+    target = (entries or COLUMN_ENTRIES) / max(nodes * rows, 1)
+    pow2 = 1 << max(round(math.log2(target)), 0) if target >= 1 else 1
+    return int(min(COLUMN_WIDTHS[1], max(COLUMN_WIDTHS[0], pow2)))
 
 
 def runs_by_columns(spec, topo, attack) -> bool:
@@ -488,7 +500,7 @@ def runs_by_columns(spec, topo, attack) -> bool:
     )
 
 
-def over_column_blocks(step, carry, d: int, width: int = COLUMN_BLOCK):
+def over_column_blocks(step, carry, d: int, width: int):
     """``carry = step(carry, lo, c)`` for every block of ``width`` columns of ``d`` (``lo``
     traced), then for the narrower last block (``lo``, ``c`` static). With fewer than
     ``width`` columns that block is the only one: a loop of no blocks would still trace
@@ -499,7 +511,7 @@ def over_column_blocks(step, carry, d: int, width: int = COLUMN_BLOCK):
     return step(carry, full * width, d - full * width) if d % width else carry
 
 
-def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = COLUMN_BLOCK):
+def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | None = None):
     """Every node's rule over its neighbourhood, ``width`` columns at a time, for a
     columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
     K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
@@ -521,11 +533,12 @@ def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int = C
 
     zeros = jnp.zeros(index.shape, jnp.float32)
     d = sent.shape[1]
+    width = width or column_width(*index.shape)
     steps, weight, sq = over_column_blocks(step, (jnp.zeros_like(sent), zeros, zeros), d, width)
     return steps, weight / d, sq
 
 
-def edge_sq_distances(sent, index, width: int = COLUMN_BLOCK):
+def edge_sq_distances(sent, index, width: int | None = None):
     """``[n, K]`` squared L2 distance of each neighbourhood row ``sent[index[k, j]]`` to
     the node's own row ``sent[index[k, 0]]`` (itself first), summed over column blocks
     as ``by_column_blocks`` reads them (NaN where either row is non-finite)."""
@@ -535,6 +548,7 @@ def edge_sq_distances(sent, index, width: int = COLUMN_BLOCK):
         diff = rows - rows[:, :1]
         return sq + jnp.sum(diff * diff, axis=-1)
 
+    width = width or column_width(*index.shape)
     return over_column_blocks(step, jnp.zeros(index.shape, jnp.float32), sent.shape[1], width)
 
 
@@ -623,7 +637,7 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             return jax.vmap(one)(rows, mine, index, weights, finite, far, agg_state, rule_keys)
 
         models = topo.exchange == "models"
-        width = RULES.column_block(spec.aggregator) or COLUMN_BLOCK
+        width = column_width(*index.shape, RULES.column_entries(spec.aggregator))
         steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models, width=width)
         local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
         present = weights > 0

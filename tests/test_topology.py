@@ -344,8 +344,8 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     """A 4 x 4 torus round with a columnwise rule at every node (a quarter of the nodes
     flipping labels) gives the same models and metrics run one block of columns at a
     time (blocks of 100 columns and a narrower last one; blocks wider than the model, as
-    a small model has fewer columns than ``COLUMN_BLOCK``; or the width the rule asks for,
-    the median's 32) as on the gathered neighbourhoods."""
+    a small model has fewer columns than a block; or the width the rule asks for) as on
+    the gathered neighbourhoods."""
     import fedsim.round as rounds
 
     setup, hp = _setup(
@@ -364,6 +364,22 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     gathered, m_gathered = jax.jit(make_round(setup))(state, hp, setup.data)
     _assert_same_round((by_columns, m_columns), (gathered, m_gathered))
     assert float(m_gathered.malicious_weight) > 0
+
+
+def test_column_width_holds_about_the_entries_asked():
+    """Blocks are powers of two holding about the entries asked (128 columns of 1,000
+    nine-row neighbourhoods by default, a quarter for order statistics), wider for fewer
+    nodes, within the narrowest and widest width."""
+    from fedsim.aggregators.base import REGISTRY as RULES
+    from fedsim.round import COLUMN_WIDTHS, column_width
+
+    select = RULES.column_entries("median")
+    assert column_width(1000, 9) == 128 and column_width(1000, 9, select) == 32
+    assert RULES.column_entries("trimmed_mean") == select and RULES.column_entries("gossip") is None
+    widths = [column_width(n, 9) for n in (1, 10, 100, 1000, 10_000, 10**6)]
+    assert widths == sorted(widths, reverse=True)
+    assert all(w & (w - 1) == 0 and COLUMN_WIDTHS[0] <= w <= COLUMN_WIDTHS[1] for w in widths)
+    assert widths[0] == COLUMN_WIDTHS[1] and widths[-1] == COLUMN_WIDTHS[0]
 
 
 def test_gossip_by_column_blocks_drops_a_row_non_finite_in_one_block():

@@ -104,10 +104,11 @@ class Rules(Components):
         instead of gathering every neighbourhood."""
         return bool(name in self and self.meta(name).get("columnwise", False))
 
-    def column_block(self, name: str) -> int | None:
-        """Columns per block rule ``name`` asks for when run by column blocks (registered
-        as ``column_block=``), or None for the round's default."""
-        return self.meta(name).get("column_block") if name in self else None
+    def column_entries(self, name: str) -> int | None:
+        """Gathered entries per block rule ``name`` asks for when run by column blocks
+        (registered as ``column_entries=``), or None for the round's default
+        (``fedsim.round.column_width``)."""
+        return self.meta(name).get("column_entries") if name in self else None
 
     def needs_self_distances(self, name: str) -> bool:
         """Whether columnwise rule ``name`` reads ``AggContext.self_distances``."""

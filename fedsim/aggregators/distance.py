@@ -42,11 +42,11 @@ def _count(present):
 # --- coordinate-wise order statistics -----------------------------------------------------
 
 
-# Order statistics over a peer-to-peer neighbourhood (a few rows: ``ops.select_few``) keep
-# their blocks narrow: a block's [nodes, rows, columns] then stays in cache while each row
-# is counted against the others; the mean-like columnwise rules prefer wider blocks (fewer
-# loop iterations). Measured with bench/peer.py --vs-star (README).
-SELECT_COLUMN_BLOCK = 32
+# Order statistics over a peer-to-peer neighbourhood (a few rows: ``ops.select_few``) take
+# blocks a quarter of the default size (32 columns at 1,000 nodes of nine rows): a block
+# then stays in cache while each row is counted against the others, where the mean-like
+# columnwise rules gain more from fewer loop iterations (bench/peer.py --vs-star, README).
+SELECT_COLUMN_ENTRIES = 1 << 18
 
 
 @REGISTRY.register(
@@ -54,7 +54,7 @@ SELECT_COLUMN_BLOCK = 32
     options={},
     geometry=Geometry("median", "box"),
     columnwise=True,
-    column_block=SELECT_COLUMN_BLOCK,
+    column_entries=SELECT_COLUMN_ENTRIES,
 )
 def make_median() -> Aggregator:
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-robust distributed learning").
@@ -81,7 +81,7 @@ def make_median() -> Aggregator:
     },
     geometry=Geometry("median", "box", trim_option="beta"),
     columnwise=True,
-    column_block=SELECT_COLUMN_BLOCK,
+    column_entries=SELECT_COLUMN_ENTRIES,
 )
 def make_trimmed_mean(beta: float) -> Aggregator:
     """Coordinate-wise β-trimmed mean (Yin et al. 2018).
