@@ -368,13 +368,14 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
 
 def test_column_width_holds_about_the_entries_asked():
     """Blocks are powers of two holding about the entries asked (128 columns of 1,000
-    nine-row neighbourhoods by default, a quarter for order statistics), wider for fewer
+    nine-row neighbourhoods by default, an eighth for order statistics), wider for fewer
     nodes, within the narrowest and widest width."""
     from fedsim.aggregators.base import REGISTRY as RULES
     from fedsim.round import COLUMN_WIDTHS, column_width
 
     select = RULES.column_entries("median")
-    assert column_width(1000, 9) == 128 and column_width(1000, 9, select) == 32
+    assert column_width(1000, 9) == 128 and column_width(1000, 9, select) == 16
+    assert column_width(100, 9, select) == 128
     assert RULES.column_entries("trimmed_mean") == select and RULES.column_entries("gossip") is None
     widths = [column_width(n, 9) for n in (1, 10, 100, 1000, 10_000, 10**6)]
     assert widths == sorted(widths, reverse=True)

@@ -43,10 +43,10 @@ def _count(present):
 
 
 # Order statistics over a peer-to-peer neighbourhood (a few rows: ``ops.select_few``) take
-# blocks a quarter of the default size (32 columns at 1,000 nodes of nine rows): a block
-# then stays in cache while each row is counted against the others, where the mean-like
-# columnwise rules gain more from fewer loop iterations (bench/peer.py --vs-star, README).
-SELECT_COLUMN_ENTRIES = 1 << 18
+# blocks an eighth of the default size (16 columns at 1,000 nodes of nine rows, 128 at
+# 100): a block then stays in cache while each row is counted against the others, where
+# the mean-like columnwise rules gain more from fewer loop iterations (bench/peer.py, README).
+SELECT_COLUMN_ENTRIES = 1 << 17
 
 
 @REGISTRY.register(
