@@ -87,3 +87,43 @@ def test_largest_tries_the_count_the_planner_names(monkeypatch):
     )
     rows = gpu.largest_rows(sizes, deadline=float("inf"), peaks={"matmul_gflops": 1.0})
     assert [r.get("error") for r in rows] == ["boom"]
+
+
+def test_a_section_whose_process_dies_is_recorded_and_the_next_runs(monkeypatch, tmp_path):
+    """The driver runs each section in a process of its own: one that crashes or times out
+    gets a file saying so, and the sections after it still run."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    ran = []
+
+    def fake_child(name, args, timeout):
+        ran.append(name)
+        if name == "peak":
+            doc = {"device": "d", "device_kind": "k", "tiny": True, "machine": {}, "command": "c"}
+            (args.out / "gpu_peak.json").write_text(json.dumps(doc))
+            return 0, ""
+        return {"round": (-11, "Segmentation fault"), "aggregators": (None, "")}.get(name, (0, ""))
+
+    monkeypatch.setattr(gpu, "run_child", fake_child)
+    assert (
+        gpu.main(["--tiny", "--out", str(tmp_path), "--sections", "round,aggregators,sweep"]) == 0
+    )
+    assert ran == ["peak", "round", "aggregators", "sweep"]
+    crashed = json.loads((tmp_path / "gpu_round.json").read_text())
+    assert crashed["error"] == "section process exit -11: Segmentation fault"
+    assert crashed["device_kind"] == "k" and crashed["section"] == "round"
+    hung = json.loads((tmp_path / "gpu_aggregators.json").read_text())
+    assert hung["error"].startswith("section process timed out")
+    assert not (tmp_path / "gpu_sweep.json").exists()  # a section that ran writes its own file
+
+
+def test_an_unknown_section_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.setattr(gpu, "run_child", lambda *a: pytest.fail("a section ran"))
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--tiny", "--out", str(tmp_path), "--sections", "round,sweeps"])
+    assert exit_.value.code == 2 and "unknown section(s) sweeps" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
