@@ -483,7 +483,7 @@ def column_width(nodes: int, rows: int, entries: int | None = None) -> int:
     entries (``nodes x rows x width``), a power of two within ``COLUMN_WIDTHS``. A block
     is one loop iteration: fewer nodes take wider blocks, whose fixed cost is repaid."""
     target = (entries or COLUMN_ENTRIES) / max(nodes * rows, 1)
-    pow2 = 1 << max(round(math.log2(target)), 0) if target >= 1 else 1
+    pow2 = 1 << round(math.log2(max(target, 1)))
     return int(min(COLUMN_WIDTHS[1], max(COLUMN_WIDTHS[0], pow2)))
 
 
@@ -512,8 +512,9 @@ def over_column_blocks(step, carry, d: int, width: int):
 
 
 def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | None = None):
-    """Every node's rule over its neighbourhood, ``width`` columns at a time, for a
-    columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
+    """Every node's rule over its neighbourhood, ``width`` columns at a time (None:
+    ``column_width`` of the ``[n, K]`` neighbourhoods, default entries), for a columnwise
+    rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
     K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
     block. Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its
     share of the columns) and each row's squared distance to its node's step ``[n, K]``.
