@@ -115,41 +115,31 @@ def footprint(setup) -> Footprint:
         update_copies=copies,
         per_client_train=per_client,
         eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
-        neighbourhood=_neighbourhood(setup),
-        column_block=_column_block(setup, attack),
+        **_neighbourhoods(setup, attack),
     )
 
 
-def _neighbourhood(setup) -> int | None:
-    """Rows one node's rule holds peer-to-peer (None on the star): its gathered
-    neighbourhood's width, or every node on a dense graph."""
+def _neighbourhoods(setup, attack) -> dict:
+    """Peer-to-peer (nothing on the star): ``neighbourhood``, the rows one node's rule
+    holds (its gathered neighbourhood's width, or every node on a dense graph), and
+    ``column_block``, the columns of every neighbourhood held at once when the round runs
+    its rule by column blocks (``fedsim.round.runs_by_columns``)."""
     import jax
 
-    from fedsim.setup import is_peer_to_peer, topology_of
-
-    if not is_peer_to_peer(setup.spec):
-        return None
-    topo = topology_of(setup.spec)
-    if topo.gather is None:
-        return setup.spec.n_clients
-    index, _ = jax.eval_shape(topo.gather, jax.random.PRNGKey(0))
-    return int(index.shape[1])
-
-
-def _column_block(setup, attack) -> int | None:
-    """Columns of every neighbourhood held at once when the peer-to-peer round runs its
-    rule by column blocks (``fedsim.round.runs_by_columns``), else None."""
-    from fedsim.aggregators.base import REGISTRY as RULES
     from fedsim.round import column_width, runs_by_columns
     from fedsim.setup import is_peer_to_peer, topology_of
 
     spec = setup.spec
-    if is_peer_to_peer(spec) and runs_by_columns(spec, topology_of(spec), attack):
-        import jax
-
-        index, _ = jax.eval_shape(topology_of(spec).gather, jax.random.PRNGKey(0))
-        return column_width(*index.shape, RULES.column_entries(spec.aggregator))
-    return None
+    if not is_peer_to_peer(spec):
+        return {}
+    topo = topology_of(spec)
+    if topo.gather is None:
+        return {"neighbourhood": spec.n_clients}
+    index, _ = jax.eval_shape(topo.gather, jax.random.PRNGKey(0))
+    nodes, rows = (int(s) for s in index.shape)
+    if not runs_by_columns(spec, topo, attack):
+        return {"neighbourhood": rows}
+    return {"neighbourhood": rows, "column_block": column_width(nodes, rows, spec.aggregator)}
 
 
 def _hparams_shapes(setup):

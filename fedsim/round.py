@@ -478,10 +478,13 @@ COLUMN_ENTRIES = 1 << 20
 COLUMN_WIDTHS = (16, 4096)  # the narrowest and widest block
 
 
-def column_width(nodes: int, rows: int, entries: int | None = None) -> int:
-    """Columns per block of a rule run ``by_column_blocks``: about ``entries`` gathered
-    entries (``nodes x rows x width``), a power of two within ``COLUMN_WIDTHS``. A block
-    is one loop iteration: fewer nodes take wider blocks, whose fixed cost is repaid."""
+def column_width(nodes: int, rows: int, aggregator: str | None = None) -> int:
+    """Columns per block of rule ``aggregator`` run ``by_column_blocks`` over ``nodes``
+    neighbourhoods of ``rows`` rows: about the entries the rule asks for
+    (``Rules.column_entries``, else ``COLUMN_ENTRIES``) of ``nodes x rows x width``, a
+    power of two within ``COLUMN_WIDTHS``. A block is one loop iteration: fewer nodes
+    take wider blocks, whose fixed cost is repaid."""
+    entries = RULES.column_entries(aggregator) if aggregator else None
     target = (entries or COLUMN_ENTRIES) / max(nodes * rows, 1)
     pow2 = 1 << round(math.log2(max(target, 1)))
     return int(min(COLUMN_WIDTHS[1], max(COLUMN_WIDTHS[0], pow2)))
@@ -511,16 +514,15 @@ def over_column_blocks(step, carry, d: int, width: int):
     return step(carry, full * width, d - full * width) if d % width else carry
 
 
-def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | None = None):
-    """Every node's rule over its neighbourhood, ``width`` columns at a time (None:
-    ``column_width`` of the ``[n, K]`` neighbourhoods, default entries), for a columnwise
-    rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight [n,
-    K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
-    block. Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its
-    share of the columns) and each row's squared distance to its node's step ``[n, K]``.
-    Only one block of the gathered rows (``[n, K, c]``) is ever held, not ``[n, K, d]``:
-    each row is read once per neighbourhood it belongs to, from cache, instead of being
-    copied into a gathered matrix and read again by every stage of the rule."""
+def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int):
+    """Every node's rule over its neighbourhood, ``width`` columns at a time (``column_width``),
+    for a columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight
+    [n, K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
+    block. Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its share
+    of the columns) and each row's squared distance to its node's step ``[n, K]``. Only one
+    block of the gathered rows (``[n, K, c]``) is ever held, not ``[n, K, d]``: each row is
+    read once per neighbourhood it belongs to, from cache, instead of being copied into a
+    gathered matrix and read again by every stage of the rule."""
 
     def step(carry, lo, c):
         steps, weight, sq = carry
@@ -534,12 +536,11 @@ def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int | N
 
     zeros = jnp.zeros(index.shape, jnp.float32)
     d = sent.shape[1]
-    width = width or column_width(*index.shape)
     steps, weight, sq = over_column_blocks(step, (jnp.zeros_like(sent), zeros, zeros), d, width)
     return steps, weight / d, sq
 
 
-def edge_sq_distances(sent, index, width: int | None = None):
+def edge_sq_distances(sent, index, width: int):
     """``[n, K]`` squared L2 distance of each neighbourhood row ``sent[index[k, j]]`` to
     the node's own row ``sent[index[k, 0]]`` (itself first), summed over column blocks
     as ``by_column_blocks`` reads them (NaN where either row is non-finite)."""
@@ -549,7 +550,6 @@ def edge_sq_distances(sent, index, width: int | None = None):
         diff = rows - rows[:, :1]
         return sq + jnp.sum(diff * diff, axis=-1)
 
-    width = width or column_width(*index.shape)
     return over_column_blocks(step, jnp.zeros(index.shape, jnp.float32), sent.shape[1], width)
 
 
@@ -624,9 +624,10 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
         who = ex.who
         finite = finite_rows(ex.sent)[index] & finite_rows(ex.own)[:, None]
         rule_keys = jax.vmap(lambda k: jax.random.split(k)[0])(jax.random.split(key, n))
+        width = column_width(*index.shape, spec.aggregator)
         far = None
         if RULES.needs_self_distances(spec.aggregator):
-            far = jnp.sqrt(edge_sq_distances(ex.sent, index))
+            far = jnp.sqrt(edge_sq_distances(ex.sent, index, width=width))
 
         def one(rows, mine, idx, w, fin, far_k, state_k, k_rule):
             view = PeerView(jnp.int32(0), degrees[idx], None, None, fin, far_k)
@@ -638,7 +639,6 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             return jax.vmap(one)(rows, mine, index, weights, finite, far, agg_state, rule_keys)
 
         models = topo.exchange == "models"
-        width = column_width(*index.shape, RULES.column_entries(spec.aggregator))
         steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models, width=width)
         local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
         present = weights > 0

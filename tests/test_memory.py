@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fedsim import memory
-from fedsim.aggregators.distance import SELECT_COLUMN_ENTRIES
 from fedsim.cli import main
 from fedsim.config import load_config, to_spec
 from fedsim.layout import with_layout
@@ -126,7 +125,7 @@ def test_by_column_blocks_estimate_holds_a_block_and_bounds_xla():
     spec, hp = to_spec(load_config("configs/digits.yaml", [*over, "topology.name=torus"]))
     setup = prepare(spec)
     fp = memory.footprint(setup)
-    assert fp.neighbourhood == 5 and fp.column_block == column_width(16, 5, SELECT_COLUMN_ENTRIES)
+    assert fp.neighbourhood == 5 and fp.column_block == column_width(16, 5, "median")
     gathered = memory.estimate(fp._replace(column_block=None), 1, None)
     assert memory.estimate(fp._replace(column_block=fp.d // 8), 1, None) < gathered
     assert memory.estimate(fp, 1, None) >= _xla_bytes(setup, hp)

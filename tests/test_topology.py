@@ -374,8 +374,9 @@ def test_column_width_holds_about_the_entries_asked():
     from fedsim.round import COLUMN_WIDTHS, column_width
 
     select = RULES.column_entries("median")
-    assert column_width(1000, 9) == 128 and column_width(1000, 9, select) == 16
-    assert column_width(100, 9, select) == 128
+    assert column_width(1000, 9) == column_width(1000, 9, "gossip") == 128
+    assert column_width(1000, 9, "median") == column_width(1000, 9, "trimmed_mean") == 16
+    assert column_width(100, 9, "median") == 128
     assert RULES.column_entries("trimmed_mean") == select and RULES.column_entries("gossip") is None
     widths = [column_width(n, 9) for n in (1, 10, 100, 1000, 10_000, 10**6)]
     assert widths == sorted(widths, reverse=True)
