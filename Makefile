@@ -51,7 +51,7 @@ paper: $(STAMP)
 	$(VENV)/bin/fedsim paper $(if $(QUICK),--quick) $(ARGS)
 
 bench: $(BENCH_STAMP)
-	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py bench/peer.py bench/default_run.py; do \
+	@for b in bench/round_throughput.py bench/aggregators.py bench/sweep.py bench/scale.py bench/peer.py bench/select_width.py bench/default_run.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b $(ARGS) || exit 1; fi; \
 	done
 

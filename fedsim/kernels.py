@@ -36,11 +36,10 @@ from jax import lax
 
 from fedsim.registry import ConfigError
 
-BLOCK_ENTRIES = 1 << 20  # entries per column block: its 16-bit key halves fill L2 (2 MB)
+BLOCK_ENTRIES = 1 << 20  # default entries per column block of ``by_column_blocks``
 # numpy scalars: a jnp constant here would start the device backend at import
 _TOP = np.uint32(0xFFFFFFFF)
 _TOP16 = np.uint16(0xFFFF)
-FEW_ROWS = 16  # up to this many rows an order statistic counts pairs (``select_few``)
 UNROLL = 1  # radix passes per loop iteration (bigger: faster run, slower compile)
 
 
@@ -57,7 +56,8 @@ def present_mask(weights: jax.Array) -> jax.Array:
 
 # A node's neighbourhood (peer-to-peer, vmapped over nodes) has few rows: there a product
 # with a handful of rows becomes a batched matrix-vector product XLA:CPU runs far slower
-# than the elementwise form, which fuses into one pass (bench/peer.py measures it).
+# than the elementwise form, which fuses into one pass (bench/peer.py measures it), and an
+# order statistic counts pairs (``select_few``) instead of running 32 radix passes.
 FEW_ROWS = 32
 
 
@@ -429,6 +429,19 @@ def block_width(
     return int(min(widest, max(narrowest, pow2)))
 
 
+def select_width(n: int) -> int:
+    """Columns per block for the coordinate-wise order statistics of ``n`` rows: the power
+    of two nearest ``512 / 2^log10(n)`` (256 at 10-20 rows, 128 at 50-300, 64 at 1,000-3,000,
+    32 at 10,000), within ``[16, 8192]``.
+
+    Narrower than ``block_width``'s entry count: each radix pass re-reads the block, and a
+    block that stays in the innermost caches gains more than wide blocks save in loop
+    iterations. The widths were chosen by ``bench/select_width.py`` (median and trimmed
+    mean at 10 to 10,000 rows; ``bench/results/select_width.json``).
+    """
+    return int(min(8192, max(16, 1 << round(9 - math.log10(max(n, 1))))))
+
+
 def by_column_blocks(
     fn: Callable, x: jax.Array, n_out: int, block: int | None = None, *columns: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -581,7 +594,8 @@ def closest_block(x, present, lo, hi, q):
 
 
 def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: int | None = None):
-    """Run ``block_fn(x_block, present) -> (out [B], weight [n, B])`` over column blocks.
+    """Run ``block_fn(x_block, present) -> (out [B], weight [n, B])`` over column blocks
+    (``block`` columns each, by default ``select_width(n)``).
 
     Returns ``(out [d], weight [n])`` where weight is averaged over the d coordinates.
     """
@@ -591,5 +605,5 @@ def coordinatewise(block_fn: Callable, x: jax.Array, present: jax.Array, block: 
         fresh_w = fresh.astype(weight.dtype)
         return out[None], dot(weight, fresh_w)
 
-    out, weight = by_column_blocks(fn, x, 1, block)
+    out, weight = by_column_blocks(fn, x, 1, block or select_width(x.shape[0]))
     return out[0], weight / x.shape[1]

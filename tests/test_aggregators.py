@@ -785,6 +785,36 @@ def test_radix_select_blocks_cover_every_column():
     np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
 
 
+def test_select_width_is_a_power_of_two_narrowing_with_rows():
+    counts = [1, 2, 9, 50, 100, 1000, 10_000, 10**6]
+    widths = [ops.select_width(n) for n in counts]
+    assert all(16 <= w <= 8192 and w & (w - 1) == 0 for w in widths)
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+
+
+@pytest.mark.parametrize("n", [7, 1000])
+def test_order_statistics_at_their_own_width_cover_every_column(n):
+    # the default block (``select_width``) does not divide d: the last block is shifted
+    d = 1300
+    assert d % ops.select_width(n) != 0 and d > ops.select_width(n)
+    x = np.random.default_rng(n).standard_normal((n, d)).astype(np.float32)
+    present = jnp.ones(n, bool)
+    m, k = jnp.int32(n), jnp.int32(n // 10)
+    median = jax.jit(
+        lambda a: ops.coordinatewise(lambda b, p: ops.median_block(b, p, m), a, present)
+    )
+    trimmed = jax.jit(
+        lambda a: ops.coordinatewise(lambda b, p: ops.trimmed_block(b, p, m, k), a, present)
+    )
+    out, weight = median(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), np.median(x, axis=0))
+    np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
+    out, weight = trimmed(jnp.asarray(x))
+    kept = np.sort(x.astype(np.float64), axis=0)[n // 10 : n - n // 10]
+    np.testing.assert_allclose(np.asarray(out), kept.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("entries", [None, 601 * 256])  # one chunk; 3 chunks and a rest
 def test_gram_by_upper_blocks_matches_full_product(monkeypatch, entries):
     if entries:
