@@ -20,7 +20,7 @@ def cpu_model() -> str:
 
 def machine_info() -> dict:
     """CPU model, cores (and those usable here), the load when measuring started, memory,
-    OS, Python, jax and jaxlib versions, the jax device."""
+    OS, Python, jax and jaxlib versions, the jax device, and ``$FEDSIM_BENCH_NOTE`` if set."""
     import jax
     import jaxlib
 
@@ -42,4 +42,6 @@ def machine_info() -> dict:
         info["memory_gb"] = round(pages * size / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
+    if os.environ.get("FEDSIM_BENCH_NOTE"):  # the conditions, in words (e.g. other load)
+        info["note"] = os.environ["FEDSIM_BENCH_NOTE"]
     return info
