@@ -416,8 +416,21 @@ def select_few(keys: jax.Array, rank: jax.Array) -> jax.Array:
 
 
 def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
-    """``[r, B]`` float: the ``rank``-th smallest present value of each column of x."""
-    return from_keys(select_keys(to_keys(x, present), rank))
+    """``[r, d]`` float32: the ``rank``-th smallest present value of each column of ``x [n,
+    d]``, ``rank [r]``.
+
+    Wider than ``select_width(n)`` columns, one block of that width at a time, so each
+    block stays in cache through its 32 passes (the attacks select over a whole ``[n, d]``
+    pool; ``bench/select_width.py`` times both ways).
+    """
+    x = x.astype(jnp.float32)
+    n, d = x.shape
+    width = select_width(n)
+    if d <= width:
+        return from_keys(select_keys(to_keys(x, present), rank))
+    zeros = jnp.zeros((n,), x.dtype)
+    block = lambda xb, fresh: (select(xb, present, rank), zeros)
+    return by_column_blocks(block, x, rank.shape[0], width)[0]
 
 
 def block_width(

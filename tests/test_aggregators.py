@@ -773,6 +773,21 @@ def test_radix_select_any_row_count(monkeypatch, n, few_rows):
     np.testing.assert_array_equal(got, want[np.asarray(rank)])
 
 
+@pytest.mark.parametrize("n", [7, 100])
+def test_select_wider_than_a_block_matches_sort(n):
+    # more columns than select_width(n), not a multiple of it: blocks, the last one shifted
+    d = 3 * ops.select_width(n) + 5
+    rng = np.random.default_rng(n + 1)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[rng.random((n, d)) < 0.2] = 0.5  # ties
+    x[1, :40] = np.nan
+    present = jnp.asarray(rng.random(n) < 0.8).at[0].set(True).at[1].set(True)
+    want = np.sort(np.where(np.asarray(present)[:, None], x, np.nan), axis=0)
+    rank = jnp.asarray([0, int(present.sum()) // 2, int(present.sum()) - 1])
+    got = np.asarray(jax.jit(ops.select)(jnp.asarray(x), present, rank))
+    np.testing.assert_array_equal(got, want[np.asarray(rank)])
+
+
 def test_radix_select_blocks_cover_every_column():
     x, _ = _data(7, 1300, 19)
     x = np.nan_to_num(x)
