@@ -426,7 +426,7 @@ def select(x: jax.Array, present: jax.Array, rank: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     n, d = x.shape
     width = select_width(n)
-    if d <= width:
+    if d <= width or not _on_cpu():  # a GPU pass over the whole matrix is one wide kernel
         return from_keys(select_keys(to_keys(x, present), rank))
     zeros = jnp.zeros((n,), x.dtype)
     block = lambda xb, fresh: (select(xb, present, rank), zeros)
@@ -442,16 +442,24 @@ def block_width(
     return int(min(widest, max(narrowest, pow2)))
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def select_width(n: int) -> int:
-    """Columns per block for the coordinate-wise order statistics of ``n`` rows: the power
-    of two nearest ``512 / 2^log10(n)`` (256 at 10-20 rows, 128 at 50-300, 64 at 1,000-3,000,
-    32 at 10,000), within ``[16, 8192]``.
+    """Columns per block for the coordinate-wise order statistics of ``n`` rows: on a CPU,
+    the power of two nearest ``512 / 2^log10(n)`` (256 at 10-20 rows, 128 at 50-300, 64 at
+    1,000-3,000, 32 at 10,000), within ``[16, 8192]``; elsewhere ``block_width(n)`` (2^20
+    entries: each pass is one kernel launch on a GPU, where the README's GPU figures were
+    measured with these; the narrow CPU widths were not tried there).
 
     Narrower than ``block_width``'s entry count: each radix pass re-reads the block, and a
     block that stays in the innermost caches gains more than wide blocks save in loop
     iterations. The widths were chosen by ``bench/select_width.py`` (median and trimmed
     mean at 10 to 10,000 rows; ``bench/results/select_width.json``).
     """
+    if not _on_cpu():
+        return block_width(n)
     return int(min(8192, max(16, 1 << round(9 - math.log10(max(n, 1))))))
 
 

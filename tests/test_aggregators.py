@@ -807,6 +807,11 @@ def test_select_width_is_a_power_of_two_narrowing_with_rows():
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
 
 
+def test_select_width_off_the_cpu_keeps_the_wide_blocks_measured_there(monkeypatch):
+    monkeypatch.setattr(ops, "_on_cpu", lambda: False)
+    assert [ops.select_width(n) for n in (20, 1000)] == [ops.block_width(20), 1024]
+
+
 @pytest.mark.parametrize("n", [7, 1000])
 def test_order_statistics_at_their_own_width_cover_every_column(n):
     # the default block (``select_width``) does not divide d: the last block is shifted
