@@ -16,7 +16,13 @@ against a per-node Python loop.
    per-node Python loop (the style of simulators that keep one model per node): per node,
    one jitted local training and one jitted rule over its gathered rows, then one jitted
    optimizer step, with the same keys; the loop's first round is checked to equal the
-   fused round's.
+   fused round's. Beside it, when PyTorch is installed (``make .venv/.installed-bench``), a
+   plain PyTorch per-node loop in the style of the peer-to-peer papers' own simulators:
+   every node's model a row of one ``[n, d]`` tensor, one module reused for training
+   (``vector_to_parameters``, one SGD step on the node's batch), then each node's
+   neighbourhood ``sent[index[k]]`` reduced with ``torch.median`` or the
+   Metropolis–Hastings weights. Same graph, shapes, batch size and step count; its own
+   batches and initial weights, so its models are not compared with the fused round's.
 
 Median seconds per scanned round (5 rounds a call, 5 calls after a warm-up; the loop:
 median of 3 rounds after one). Writes ``bench/results/peer.json`` with the machine.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
 from machine import machine_info  # noqa: E402
+from round_throughput import LR, HostData, torch_setup  # noqa: E402
 from round_throughput import make_setup as mnist_setup  # noqa: E402
 
 import fedsim.round as rounds  # noqa: E402
@@ -171,8 +179,52 @@ def python_loop(setup, hparams, n_rounds: int):
     return statistics.median(times[1:]), first
 
 
+def torch_node_loop(setup, rule: str, n_rounds: int) -> float:
+    """Section 3's PyTorch loop (module docstring): median seconds per round after the
+    first of ``n_rounds``."""
+    import torch
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores fedsim may use
+    host = HostData(setup)
+    model, x_all, y_all, loss_fn = torch_setup(host)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    index, valid = (
+        np.array(a) for a in rounds.topology_of(setup.spec).gather(jax.random.PRNGKey(0))
+    )
+    n = len(index)
+    degree = valid.sum(axis=1) - 1  # neighbours besides the node itself
+    mixing = np.where(valid, 1.0 / (1 + np.maximum(degree[:, None], degree[index])), 0.0)
+    mixing[:, 0] += 1 - mixing.sum(axis=1)  # Metropolis–Hastings: the rest stays home
+    mixing[:, 0] = np.where(valid[:, 0], mixing[:, 0], 0)
+    mixing = torch.from_numpy(mixing.astype(np.float32))
+    models = parameters_to_vector(model.parameters()).detach().repeat(n, 1)
+    rng, times = np.random.default_rng(0), []
+    for _ in range(n_rounds):
+        start = time.perf_counter()
+        sent = torch.empty_like(models)
+        for k in range(n):
+            vector_to_parameters(models[k].clone(), model.parameters())
+            for rows in host.batches(k, 1, rng):
+                idx = torch.from_numpy(rows)
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x_all[idx]), y_all[idx]).backward()
+                opt.step()
+            sent[k] = parameters_to_vector(model.parameters()).detach()
+        with torch.no_grad():
+            for k in range(n):
+                rows = sent[torch.from_numpy(index[k][valid[k]])]
+                if rule == "median":
+                    models[k] = rows.median(dim=0).values
+                else:
+                    models[k] = mixing[k][torch.from_numpy(valid[k])] @ rows
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
-    """Section 3: the fused round against ``python_loop`` at ``nodes`` nodes."""
+    """Section 3: the fused round against ``python_loop`` (and ``torch_node_loop`` when
+    PyTorch is installed) at ``nodes`` nodes."""
     setup, hp = mnist_setup(nodes, 1, aggregator=rule, extra=[f"topology={LOOP_GRAPH}"])
     fused = seconds_per_round(setup, hp, dense=False)
     loop, first = python_loop(setup, hp, n_rounds=4)
@@ -182,6 +234,13 @@ def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     np.testing.assert_allclose(first, np.asarray(ravel_rows(after.params)), rtol=1e-4, atol=1e-5)
     row = {"section": "loop", "graph": LOOP_GRAPH, "nodes": nodes, "rule": rule}
     row |= {"fused_s": fused, "python_loop_s": loop, "loop_over_fused": loop / fused}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        row["torch_loop"] = "skipped: PyTorch not installed (make .venv/.installed-bench)"
+    else:
+        row["torch_loop_s"] = torch_node_loop(setup, rule, n_rounds=4)
+        row["torch_loop_over_fused"] = row["torch_loop_s"] / fused
     results["rows"].append(row)
     print(json.dumps(row), flush=True)
     write(out, results)
