@@ -18,7 +18,6 @@ attack, aggregation); client c trains with ``fold_in(train_key, c)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedsim.aggregators.base import REGISTRY as RULES
 from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_steps
-from fedsim.kernels import finite_rows, row_sq_norms
+from fedsim.kernels import block_width, finite_rows, row_sq_norms
 from fedsim.layout import shard_clients
 from fedsim.setup import Data, Setup, components, flat_unravel, is_peer_to_peer, topology_of
 from fedsim.spec import HParams, thaw
@@ -485,9 +484,7 @@ def column_width(nodes: int, rows: int, aggregator: str | None = None) -> int:
     power of two within ``COLUMN_WIDTHS``. A block is one loop iteration: fewer nodes
     take wider blocks, whose fixed cost is repaid."""
     entries = RULES.column_entries(aggregator) if aggregator else None
-    target = (entries or COLUMN_ENTRIES) / max(nodes * rows, 1)
-    pow2 = 1 << round(math.log2(max(target, 1)))
-    return int(min(COLUMN_WIDTHS[1], max(COLUMN_WIDTHS[0], pow2)))
+    return block_width(nodes * rows, entries or COLUMN_ENTRIES, *COLUMN_WIDTHS)
 
 
 def runs_by_columns(spec, topo, attack) -> bool:
