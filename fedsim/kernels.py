@@ -36,7 +36,7 @@ from jax import lax
 
 from fedsim.registry import ConfigError
 
-BLOCK_ENTRIES = 1 << 20  # default entries per column block of ``by_column_blocks``
+BLOCK_ENTRIES = 1 << 20  # ``block_width``'s default: the order statistics' blocks off the CPU
 # numpy scalars: a jnp constant here would start the device backend at import
 _TOP = np.uint32(0xFFFFFFFF)
 _TOP16 = np.uint16(0xFFFF)
@@ -464,10 +464,12 @@ def select_width(n: int) -> int:
 
 
 def by_column_blocks(
-    fn: Callable, x: jax.Array, n_out: int, block: int | None = None, *columns: jax.Array
+    fn: Callable, x: jax.Array, n_out: int, block: int, *columns: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Apply ``fn(x_block [n, B], fresh [B] bool, *column_blocks) -> (out [n_out, B],
-    per_row [n])``; each of ``columns`` (``[d]`` vectors) is sliced like ``x``.
+    per_row [n])`` over blocks of ``block`` columns (each caller sizes its own:
+    ``block_width`` with its entry count, ``select_width``); each of ``columns`` (``[d]``
+    vectors) is sliced like ``x``.
 
     Returns ``(out [n_out, d], sum of per_row over blocks [n])``. The last block is
     shifted left to fit (``dynamic_slice`` clamps), so some columns are computed twice;
@@ -475,7 +477,7 @@ def by_column_blocks(
     each column once.
     """
     n, d = x.shape
-    block = min(block or block_width(n), d)
+    block = min(block, d)
     n_blocks = -(-d // block)
 
     def body(j, carry):
