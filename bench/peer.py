@@ -196,7 +196,6 @@ def torch_node_loop(setup, rule: str, n_rounds: int) -> float:
     degree = valid.sum(axis=1) - 1  # neighbours besides the node itself
     mixing = np.where(valid, 1.0 / (1 + np.maximum(degree[:, None], degree[index])), 0.0)
     mixing[:, 0] += 1 - mixing.sum(axis=1)  # Metropolis–Hastings: the rest stays home
-    mixing[:, 0] = np.where(valid[:, 0], mixing[:, 0], 0)
     mixing = torch.from_numpy(mixing.astype(np.float32))
     models = parameters_to_vector(model.parameters()).detach().repeat(n, 1)
     rng, times = np.random.default_rng(0), []

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from machine import machine_info  # bench/machine.py
+from round_throughput import median_time
 
 from fedsim import kernels as ops
 
@@ -40,13 +39,8 @@ def rules(n: int) -> dict:
 
 
 def seconds(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn(x)`` after a warm-up call (``round_throughput.median_time``)."""
+    return median_time(lambda: jax.block_until_ready(fn(x)), repeats)[0]
 
 
 def bench_size(n: int, d: int, widths, repeats: int) -> list[dict]:
