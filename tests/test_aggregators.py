@@ -788,18 +788,6 @@ def test_select_wider_than_a_block_matches_sort(n):
     np.testing.assert_array_equal(got, want[np.asarray(rank)])
 
 
-def test_radix_select_blocks_cover_every_column():
-    x, _ = _data(7, 1300, 19)
-    x = np.nan_to_num(x)
-    present = jnp.ones(7, bool)
-    fn = jax.jit(
-        lambda a: ops.coordinatewise(lambda b, p: ops.median_block(b, p, 7), a, present, 512)
-    )
-    out, weight = fn(jnp.asarray(x))
-    np.testing.assert_array_equal(np.asarray(out), np.median(x, axis=0))
-    np.testing.assert_allclose(np.asarray(weight).sum(), 1.0, rtol=1e-5)
-
-
 def test_select_width_is_a_power_of_two_narrowing_with_rows():
     counts = [1, 2, 9, 50, 100, 1000, 10_000, 10**6]
     widths = [ops.select_width(n) for n in counts]
@@ -812,19 +800,22 @@ def test_select_width_off_the_cpu_keeps_the_wide_blocks_measured_there(monkeypat
     assert [ops.select_width(n) for n in (20, 1000)] == [ops.block_width(20), 1024]
 
 
-@pytest.mark.parametrize("n", [7, 1000])
-def test_order_statistics_at_their_own_width_cover_every_column(n):
-    # the default block (``select_width``) does not divide d: the last block is shifted
+# block None: the rules' own width (``select_width``); none divides d, so the last block
+# is shifted left over columns an earlier block already covered
+@pytest.mark.parametrize("n, block", [(7, 512), (7, None), (1000, None)])
+def test_order_statistics_by_blocks_cover_every_column(n, block):
     d = 1300
-    assert d % ops.select_width(n) != 0 and d > ops.select_width(n)
-    x = np.random.default_rng(n).standard_normal((n, d)).astype(np.float32)
+    width = block or ops.select_width(n)
+    assert d % width != 0 and d > width
+    x, _ = _data(n, d, 19)
+    x = np.nan_to_num(x)
     present = jnp.ones(n, bool)
     m, k = jnp.int32(n), jnp.int32(n // 10)
     median = jax.jit(
-        lambda a: ops.coordinatewise(lambda b, p: ops.median_block(b, p, m), a, present)
+        lambda a: ops.coordinatewise(lambda b, p: ops.median_block(b, p, m), a, present, block)
     )
     trimmed = jax.jit(
-        lambda a: ops.coordinatewise(lambda b, p: ops.trimmed_block(b, p, m, k), a, present)
+        lambda a: ops.coordinatewise(lambda b, p: ops.trimmed_block(b, p, m, k), a, present, block)
     )
     out, weight = median(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(out), np.median(x, axis=0))
