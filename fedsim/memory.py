@@ -8,10 +8,13 @@ parameters and ``c`` clients trained at once (on ``D`` devices sharing the clien
   test and judge sets);
 - per run, the state held across rounds (params, server optimizer, aggregator state, read
   from ``jax.eval_shape`` of init), twice: the scan carries an input and an output copy;
-- per run, the round's update matrices ``[m, d]``: the trained client pytrees, their
-  ravelled matrix, the crafted matrix when there is an attack, the benign ones when the
-  attack needs them, and the aggregator's working set (``AGG_COPIES`` matrices plus an
-  ``m x m`` Gram matrix); divided by ``D`` when the client axis is sharded;
+- per run, the round's update matrices ``[m, d]``: the trained matrix (and, when every
+  client trains at once, the client pytrees it is ravelled from; clients trained in
+  chunks write their ravelled rows straight into it), the crafted matrix when there is an
+  attack, the benign ones when the attack needs them, and the aggregator's working set
+  (``AGG_COPIES`` matrices plus an ``m x m`` Gram matrix; for a rule registered
+  ``matrix_free``, such as the mean, one masked column block of ``kernels.combine``);
+  divided by ``D`` when the client axis is sharded;
 - per run, local training of ``c`` clients at once: per client a params copy, its
   gradient, new params and optimizer slots, plus activations of a batch;
 - per run, evaluation activations of one 1,000-sample test batch.
@@ -87,6 +90,7 @@ class Footprint(NamedTuple):
     update_copies: int  # [m, d] matrices live in a round, besides the aggregator's
     per_client_train: int  # bytes one client needs while it trains
     eval_act: int
+    matrix_free: bool = False  # the rule holds no [m, d] or m x m working set
     neighbourhood: int | None = None  # peer-to-peer: rows a node's rule holds (K)
     column_block: int | None = None  # peer-to-peer by column blocks: columns held at once
 
@@ -95,8 +99,10 @@ def footprint(setup) -> Footprint:
     """Measure what the estimate needs from a Setup (shapes only: nothing is compiled)."""
     import jax
 
+    from fedsim.aggregators import REGISTRY as RULES
     from fedsim.round import make_init
     from fedsim.setup import components
+    from fedsim.spec import thaw
 
     spec = setup.spec
     _, attack = components(setup)
@@ -115,6 +121,7 @@ def footprint(setup) -> Footprint:
         update_copies=copies,
         per_client_train=per_client,
         eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
+        matrix_free=RULES.matrix_free(spec.aggregator) and not thaw(spec.aggregator_kw).get("pre"),
         **_neighbourhoods(setup, attack),
     )
 
@@ -187,7 +194,15 @@ def estimate(
     m = participants or fp.participants
     c = m if client_chunk is None else min(client_chunk, m)
     if fp.neighbourhood is None:
-        updates = 4 * m * fp.d * (fp.update_copies + AGG_COPIES) + 4 * m * m
+        # chunked training writes each client's ravelled row into the one [m, d] matrix
+        copies = fp.update_copies - (c < m)
+        updates = 4 * m * fp.d * copies
+        if fp.matrix_free:  # at most a masked column block (``kernels.combine``)
+            from fedsim.kernels import PASS_ENTRIES
+
+            updates += 4 * min(m * fp.d, 2 * PASS_ENTRIES)
+        else:
+            updates += 4 * m * fp.d * AGG_COPIES + 4 * m * m
     elif fp.column_block is None:  # [n, d] round matrices, then c nodes' [K, d] rows
         k = fp.neighbourhood  # and rule working sets
         rows = k * fp.d * (fp.update_copies - 1 + AGG_COPIES) + k * k

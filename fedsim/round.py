@@ -125,7 +125,6 @@ def make_train(setup: Setup, attack):
     training (vmapped, or in chunks of ``setup.client_chunk``); malicious clients train on
     the attack's poisoned batches."""
     local = local_spec(setup)
-    _, ravel_rows = flat_unravel(setup)
     apply_fn, loss = setup.module.apply, setup.task.loss
     train_poisoned = make_local_train(apply_fn, local, poison=attack.poison, loss=loss)
     train_clean = make_local_train(apply_fn, local, loss=loss)
@@ -150,13 +149,14 @@ def make_train(setup: Setup, attack):
             def one(row):
                 idx_row, cnt, k, mal, own_params = row
                 p = own_params if own else params
-                return train_fn(p, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal, data.goal)
+                out = train_fn(p, data.x, data.y, idx_row, cnt, n_steps, k, hp, mal, data.goal)
+                return ravel_pytree(out)[0]  # a chunk's rows go straight into [m, d]
 
             if setup.client_chunk is None:
                 trained = jax.vmap(one)(per_client)
             else:  # bounds the training working set to client_chunk clients at a time
                 trained = jax.lax.map(one, per_client, batch_size=setup.client_chunk)
-            return shard_clients(setup.mesh, ravel_rows(trained))
+            return shard_clients(setup.mesh, trained)
 
         updates = train_all(train_poisoned)
         return Trained(updates, train_all(train_clean) if wants_benign else None)

@@ -227,7 +227,11 @@ BAD_INPUTS = [
         "aggregator 'trimmed_mean': beta must be",
     ),
     (["run", "{dir}"], {}, "is a directory, not a YAML file"),
-    (["run", "{digits}", "--memory-gb", "0.0001"], {}, "MB even with 1 run"),
+    (
+        ["run", "{digits}", "--memory-gb", "0.0001"],
+        {},
+        "kB even with 1 run and 1 client trained at a time",
+    ),
 ]
 
 

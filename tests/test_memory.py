@@ -9,6 +9,7 @@ import pytest
 from fedsim import memory
 from fedsim.cli import main
 from fedsim.config import load_config, to_spec
+from fedsim.kernels import PASS_ENTRIES
 from fedsim.layout import with_layout
 from fedsim.registry import ConfigError
 from fedsim.round import column_width, make_chunk, make_init
@@ -129,3 +130,51 @@ def test_by_column_blocks_estimate_holds_a_block_and_bounds_xla():
     gathered = memory.estimate(fp._replace(column_block=None), 1, None)
     assert memory.estimate(fp._replace(column_block=fp.d // 8), 1, None) < gathered
     assert memory.estimate(fp, 1, None) >= _xla_bytes(setup, hp)
+
+
+def _wide_digits(aggregator: str, *extra: str):
+    """Digits with a 512-wide hidden layer and 64 clients: the [m, d] update matrices
+    (10 MB each) dwarf everything else the program holds."""
+    over = ["data.n_clients=64", "client.participants=64", "model.widths=[512]", *OVER[1:3]]
+    over += [f"aggregator.name={aggregator}", *extra]
+    spec, hp = to_spec(load_config("configs/digits.yaml", over))
+    return prepare(spec), hp
+
+
+def test_chunked_training_holds_one_update_matrix_and_the_mean_no_working_set():
+    """Clients trained in chunks write their ravelled rows straight into the one [m, d]
+    matrix (XLA's figure drops by more than half a matrix against training all at once),
+    the estimate counts one matrix for it, and the mean (``matrix_free``) adds no working
+    set beyond a masked column block: its estimate is AGG_COPIES matrices and the m x m
+    term below the median's, and still above XLA's own figure."""
+    mean, hp = _wide_digits("mean")
+    median, _ = _wide_digits("median")
+    fp, fp_median = memory.footprint(mean), memory.footprint(median)
+    assert fp.matrix_free and not fp_median.matrix_free
+    assert not memory.footprint(_wide_digits("mean", "aggregator.pre=[{name: nnm}]")[0]).matrix_free
+    matrix = 4 * 64 * fp.d
+    whole = _xla_bytes(median, hp)
+    chunked = _xla_bytes(with_layout(median, client_chunk=8), hp)
+    assert chunked <= whole - matrix // 2
+    assert memory.estimate(fp_median, 1, 8) >= chunked
+    mean_xla = _xla_bytes(with_layout(mean, client_chunk=8), hp)
+    assert memory.estimate(fp, 1, 8) >= mean_xla
+    saved = memory.estimate(fp_median, 1, 8) - memory.estimate(fp, 1, 8)
+    block = 4 * min(64 * fp.d, 2 * PASS_ENTRIES)
+    assert saved == matrix * memory.AGG_COPIES + 4 * 64 * 64 - block
+
+
+def test_fedavg_on_100000_clients_of_the_mnist_mlp_fits_an_80_gb_budget():
+    """The GPU figures' largest round (bench/gpu.py: 100,000 clients, MLP 784-100-10,
+    d = 79,510): with the mean it fits the H100's budget (47.5 GiB, as
+    bench/results/gpu_largest.json recorded it) by training clients in chunks; a rule
+    with the default working set (two more [m, d] matrices and an m x m one) does not
+    fit at any chunk."""
+    setup, _ = _wide_digits("mean")
+    d, m = 79_510, 100_000
+    per_client = 4 * d * 4 + 4 * 3 * 32 * (784 + 100 + 10)
+    fp = memory.footprint(setup)._replace(d=d, participants=m, per_client_train=per_client)
+    budget = int(47.5078125 * memory.GB)
+    assert memory.estimate(fp, 1, m // 16) <= budget
+    other = fp._replace(matrix_free=False)
+    assert all(memory.estimate(other, 1, c) > budget for c in memory._chunks(m))

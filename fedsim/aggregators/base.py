@@ -110,6 +110,12 @@ class Rules(Components):
         (``fedsim.round.column_width``)."""
         return self.meta(name).get("column_entries") if name in self else None
 
+    def matrix_free(self, name: str) -> bool:
+        """Whether rule ``name`` (registered with ``matrix_free=True``) reads its ``[m, d]``
+        rows once as a weighted sum and holds no other ``[m, d]`` or ``m x m`` matrix, so
+        the memory planner (``fedsim.memory``) counts no working set for it."""
+        return bool(name in self and self.meta(name).get("matrix_free", False))
+
     def needs_self_distances(self, name: str) -> bool:
         """Whether columnwise rule ``name`` reads ``AggContext.self_distances``."""
         return name in self and self.meta(name).get("columnwise") == "self_distances"
@@ -228,7 +234,7 @@ def reduce(name: str, updates, weights=None, *, ctx: AggContext | None = None, *
     )
 
 
-@REGISTRY.register("mean", options={}, geometry=MEAN_GEOMETRY, columnwise=True)
+@REGISTRY.register("mean", options={}, geometry=MEAN_GEOMETRY, columnwise=True, matrix_free=True)
 def make_mean() -> Aggregator:
     """Weighted mean (FedAvg, McMahan et al. 2017): ``sum_i w_i u_i / sum_i w_i``.
 
