@@ -25,7 +25,8 @@ gathered rows, the crafted rows when there is an attack, the rule's working set 
 ``K x K`` Gram matrix, for ``c`` nodes at once (the same chunk as training) beside the
 round's ``[n, d]`` trained, sent and benign matrices. A columnwise rule run by column
 blocks (``fedsim.round.by_column_blocks``) holds instead every node's ``[K, block]``
-rows and working set at once, beside the round's matrices and its ``[n, d]`` steps.
+rows and working set at once (an upper bound when ``round.column_layout`` takes nodes a
+chunk at a time), beside the round's matrices and its ``[n, d]`` steps.
 
 It is deliberately conservative (XLA reuses buffers, so the compiled program usually
 needs less); ``tests/test_memory.py`` checks it stays above XLA's own figure.

@@ -475,16 +475,32 @@ def over_nodes(fn, args, chunk: int | None):
 # nodes of nine rows
 COLUMN_ENTRIES = 1 << 20
 COLUMN_WIDTHS = (16, 4096)  # the narrowest and widest block
+# Blocks narrower than this take their columns for fewer nodes at a time instead: the
+# order statistics' eighth of the entries at 1,000 nodes of nine rows is 128 columns of
+# about 113 nodes rather than 16 columns of all of them (bench/peer.py, README).
+NODE_CHUNK_WIDTH = 128
+
+
+def column_layout(nodes: int, rows: int, aggregator: str | None = None):
+    """``(width, nodes_at_once)`` of rule ``aggregator`` run ``by_column_blocks`` over
+    ``nodes`` neighbourhoods of ``rows`` rows: blocks of about the entries the rule asks
+    for (``Rules.column_entries``, else ``COLUMN_ENTRIES``) of ``nodes_at_once x rows x
+    width``. The width is a power of two within ``COLUMN_WIDTHS`` for all nodes at once
+    (``nodes_at_once`` None) unless that is below ``NODE_CHUNK_WIDTH``: then blocks of
+    ``NODE_CHUNK_WIDTH`` columns for as many nodes as the entries allow. A block is one
+    loop iteration: fewer nodes take wider blocks, whose fixed cost is repaid, and rows of
+    a few dozen bytes cost more per entry to slice and reduce than wider ones."""
+    entries = (RULES.column_entries(aggregator) if aggregator else None) or COLUMN_ENTRIES
+    width = block_width(nodes * rows, entries, *COLUMN_WIDTHS)
+    if width >= NODE_CHUNK_WIDTH:
+        return width, None
+    at_once = max(1, entries // (rows * NODE_CHUNK_WIDTH))
+    return NODE_CHUNK_WIDTH, (at_once if at_once < nodes else None)
 
 
 def column_width(nodes: int, rows: int, aggregator: str | None = None) -> int:
-    """Columns per block of rule ``aggregator`` run ``by_column_blocks`` over ``nodes``
-    neighbourhoods of ``rows`` rows: about the entries the rule asks for
-    (``Rules.column_entries``, else ``COLUMN_ENTRIES``) of ``nodes x rows x width``, a
-    power of two within ``COLUMN_WIDTHS``. A block is one loop iteration: fewer nodes
-    take wider blocks, whose fixed cost is repaid."""
-    entries = RULES.column_entries(aggregator) if aggregator else None
-    return block_width(nodes * rows, entries or COLUMN_ENTRIES, *COLUMN_WIDTHS)
+    """Columns per block of ``column_layout``."""
+    return column_layout(nodes, rows, aggregator)[0]
 
 
 def runs_by_columns(spec, topo, attack) -> bool:
@@ -511,30 +527,39 @@ def over_column_blocks(step, carry, d: int, width: int):
     return step(carry, full * width, d - full * width) if d % width else carry
 
 
-def by_column_blocks(node_rule, sent, own, index, relative: bool, width: int):
-    """Every node's rule over its neighbourhood, ``width`` columns at a time (``column_width``),
-    for a columnwise rule: ``node_rule(rows [n, K, c], own [n, c]) -> (step [n, c], weight
-    [n, K])`` on the rows ``sent[index] - own`` (``relative``; else ``sent[index]``) of one
-    block. Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its share
-    of the columns) and each row's squared distance to its node's step ``[n, K]``. Only one
-    block of the gathered rows (``[n, K, c]``) is ever held, not ``[n, K, d]``: each row is
-    read once per neighbourhood it belongs to, from cache, instead of being copied into a
-    gathered matrix and read again by every stage of the rule."""
-
-    def step(carry, lo, c):
-        steps, weight, sq = carry
-        mine = jax.lax.dynamic_slice_in_dim(own, lo, c, 1)
-        rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[index]
-        rows = rows - mine[:, None] if relative else rows
-        block, w = node_rule(rows, mine)
-        diff = rows - block[:, None]
-        steps = jax.lax.dynamic_update_slice_in_dim(steps, block, lo, 1)
-        return steps, weight + w * c, sq + jnp.sum(diff * diff, axis=-1)
-
-    zeros = jnp.zeros(index.shape, jnp.float32)
+def by_column_blocks(
+    node_rule, sent, own, index, per_node, relative: bool, width: int, nodes_at_once=None
+):
+    """Every node's rule over its neighbourhood, ``width`` columns at a time for
+    ``nodes_at_once`` nodes at a time (all when None; ``column_layout``), for a columnwise
+    rule: ``node_rule(rows [K, c], own [c], *args) -> (step [c], weight [K])``, one node's
+    rule on the rows ``sent[index[k]] - own[k]`` (``relative``; else ``sent[index[k]]``)
+    of one block, ``args`` that node's entries of ``per_node`` (a tuple of ``[n, ...]``
+    pytrees). Returns the steps ``[n, d]``, the weights ``[n, K]`` (each block's, by its
+    share of the columns) and each row's squared distance to its node's step ``[n, K]``.
+    Only one block of the gathered rows (``[nodes_at_once, K, c]``) is ever held, not
+    ``[n, K, d]``: each row is read once per neighbourhood it belongs to, from cache,
+    instead of being copied into a gathered matrix and read again by every stage of the
+    rule."""
     d = sent.shape[1]
-    steps, weight, sq = over_column_blocks(step, (jnp.zeros_like(sent), zeros, zeros), d, width)
-    return steps, weight / d, sq
+
+    def node(idx, mine_all, *args):
+        def step(carry, lo, c):
+            steps, weight, sq = carry
+            mine = jax.lax.dynamic_slice_in_dim(mine_all, lo, c)
+            rows = jax.lax.dynamic_slice_in_dim(sent, lo, c, 1)[idx]
+            rows = rows - mine[None] if relative else rows
+            block, w = node_rule(rows, mine, *args)
+            diff = rows - block[None]
+            steps = jax.lax.dynamic_update_slice_in_dim(steps, block, lo, 0)
+            return steps, weight + w * c, sq + jnp.sum(diff * diff, axis=-1)
+
+        zeros = jnp.zeros(idx.shape, jnp.float32)
+        init = (jnp.zeros_like(mine_all), zeros, zeros)
+        steps, weight, sq = over_column_blocks(step, init, d, width)
+        return steps, weight / d, sq
+
+    return over_nodes(node, (index, own, *per_node), nodes_at_once)
 
 
 def edge_sq_distances(sent, index, width: int):
@@ -621,7 +646,7 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
         who = ex.who
         finite = finite_rows(ex.sent)[index] & finite_rows(ex.own)[:, None]
         rule_keys = jax.vmap(lambda k: jax.random.split(k)[0])(jax.random.split(key, n))
-        width = column_width(*index.shape, spec.aggregator)
+        width, at_once = column_layout(*index.shape, spec.aggregator)
         far = None
         if RULES.needs_self_distances(spec.aggregator):
             far = jnp.sqrt(edge_sq_distances(ex.sent, index, width=width))
@@ -632,11 +657,11 @@ def peer_round(setup: Setup, topo, train, aggregate, apply, attack):
             out = aggregate(rows, w, *args)
             return out.delta, out.info.weight
 
-        def node_rule(rows, mine):
-            return jax.vmap(one)(rows, mine, index, weights, finite, far, agg_state, rule_keys)
-
+        per_node = (index, weights, finite, far, agg_state, rule_keys)
         models = topo.exchange == "models"
-        steps, weight, sq = by_column_blocks(node_rule, ex.sent, ex.own, index, models, width=width)
+        steps, weight, sq = by_column_blocks(
+            one, ex.sent, ex.own, index, per_node, models, width=width, nodes_at_once=at_once
+        )
         local = Participants(who.clients[index], who.count[index], weights, who.is_malicious[index])
         present = weights > 0
         distances = jax.vmap(group_distances)(jnp.sqrt(sq), present, local.is_malicious)

@@ -366,27 +366,36 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     assert float(m_gathered.malicious_weight) > 0
 
 
-def test_column_width_holds_about_the_entries_asked():
+def test_column_layout_holds_about_the_entries_asked():
     """Blocks are powers of two holding about the entries asked (128 columns of 1,000
     nine-row neighbourhoods by default, an eighth for order statistics), wider for fewer
-    nodes, within the narrowest and widest width."""
+    nodes, within the narrowest and widest width; where all nodes' blocks would be
+    narrower than NODE_CHUNK_WIDTH columns, that width for as many nodes as fit."""
     from fedsim.aggregators.base import REGISTRY as RULES
-    from fedsim.round import COLUMN_WIDTHS, column_width
+    from fedsim.round import COLUMN_ENTRIES, COLUMN_WIDTHS, NODE_CHUNK_WIDTH, column_layout
 
     select = RULES.column_entries("median")
-    assert column_width(1000, 9) == column_width(1000, 9, "gossip") == 128
-    assert column_width(1000, 9, "median") == column_width(1000, 9, "trimmed_mean") == 16
-    assert column_width(100, 9, "median") == 128
+    assert column_layout(1000, 9) == column_layout(1000, 9, "gossip") == (128, None)
+    at_once = select // (9 * NODE_CHUNK_WIDTH)  # 113 nodes
+    assert column_layout(1000, 9, "median") == (NODE_CHUNK_WIDTH, at_once)
+    assert column_layout(1000, 9, "trimmed_mean") == (NODE_CHUNK_WIDTH, at_once)
+    assert column_layout(100, 9, "median") == (128, None)
     assert RULES.column_entries("trimmed_mean") == select and RULES.column_entries("gossip") is None
-    widths = [column_width(n, 9) for n in (1, 10, 100, 1000, 10_000, 10**6)]
-    assert widths == sorted(widths, reverse=True)
-    assert all(w & (w - 1) == 0 and COLUMN_WIDTHS[0] <= w <= COLUMN_WIDTHS[1] for w in widths)
-    assert widths[0] == COLUMN_WIDTHS[1] and widths[-1] == COLUMN_WIDTHS[0]
+    layouts = [column_layout(n, 9) for n in (1, 10, 100, 1000, 10_000, 10**6)]
+    widths = [w for w, _ in layouts]
+    assert widths == sorted(widths, reverse=True) and widths[0] == COLUMN_WIDTHS[1]
+    assert all(w & (w - 1) == 0 and NODE_CHUNK_WIDTH <= w <= COLUMN_WIDTHS[1] for w in widths)
+    for n, (w, chunk) in zip((1, 10, 100, 1000, 10_000, 10**6), layouts, strict=True):
+        held = (chunk or n) * 9 * w  # gathered entries of one block
+        assert held <= 1.5 * COLUMN_ENTRIES or w == COLUMN_WIDTHS[1]
+        assert chunk is None or (w == NODE_CHUNK_WIDTH and held > COLUMN_ENTRIES / 2)
+    assert layouts[-1] == (NODE_CHUNK_WIDTH, COLUMN_ENTRIES // (9 * NODE_CHUNK_WIDTH))
 
 
 def test_gossip_by_column_blocks_drops_a_row_non_finite_in_one_block():
     """A neighbour whose row holds a NaN in one column only is dropped from every block
-    (its weight stays on the node), as gossip over the whole rows drops it."""
+    (its weight stays on the node), as gossip over the whole rows drops it, whether all
+    nodes are aggregated at once or a few at a time."""
     from fedsim import aggregators
     from fedsim.round import by_column_blocks
     from fedsim.types import AggContext
@@ -406,16 +415,18 @@ def test_gossip_by_column_blocks_drops_a_row_non_finite_in_one_block():
         return delta, info.weight
 
     finite = jnp.all(jnp.isfinite(sent), axis=1)[index]
-    node_rule = lambda rows, mine: jax.vmap(rule)(rows, mine, weights, index, finite)
-    steps, weight, sq = by_column_blocks(node_rule, sent, own, index, True, width=width)
     whole, whole_weight = jax.vmap(rule)(sent[index] - own[:, None], own, weights, index)
-    np.testing.assert_allclose(steps, whole, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(weight, whole_weight, rtol=1e-6, atol=1e-7)
-    assert np.isfinite(np.asarray(steps)).all()
-    assert float(whole_weight[2, 2]) == 0.0  # node 2 drops neighbour 3 (its third row)
     rows = np.asarray(sent[index] - own[:, None], np.float64)
     want = np.sum((rows - np.asarray(whole, np.float64)[:, None]) ** 2, -1)
-    np.testing.assert_allclose(sq, want, rtol=1e-5)
+    assert float(whole_weight[2, 2]) == 0.0  # node 2 drops neighbour 3 (its third row)
+    for at_once in (None, 4):  # all nodes, or 4 then 2 (lax.map's remainder)
+        steps, weight, sq = by_column_blocks(
+            rule, sent, own, index, (weights, index, finite), True, width, at_once
+        )
+        np.testing.assert_allclose(steps, whole, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(weight, whole_weight, rtol=1e-6, atol=1e-7)
+        assert np.isfinite(np.asarray(steps)).all()
+        np.testing.assert_allclose(sq, want, rtol=1e-5)
 
 
 def _node_accuracies(rule, rounds=15):
