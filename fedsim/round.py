@@ -542,6 +542,7 @@ def by_column_blocks(
     instead of being copied into a gathered matrix and read again by every stage of the
     rule."""
     d = sent.shape[1]
+    width = min(width, d)
 
     def node(idx, mine_all, *args):
         def step(carry, lo, c):
@@ -552,12 +553,14 @@ def by_column_blocks(
             block, w = node_rule(rows, mine, *args)
             diff = rows - block[None]
             steps = jax.lax.dynamic_update_slice_in_dim(steps, block, lo, 0)
-            return steps, weight + w * c, sq + jnp.sum(diff * diff, axis=-1)
+            # squares summed lane by lane, across the lanes once at the end
+            sq = sq + diff * diff if c == width else sq.at[:, :c].add(diff * diff)
+            return steps, weight + w * c, sq
 
         zeros = jnp.zeros(idx.shape, jnp.float32)
-        init = (jnp.zeros_like(mine_all), zeros, zeros)
+        init = (jnp.zeros_like(mine_all), zeros, jnp.zeros((*idx.shape, width), jnp.float32))
         steps, weight, sq = over_column_blocks(step, init, d, width)
-        return steps, weight / d, sq
+        return steps, weight / d, jnp.sum(sq, axis=-1)
 
     return over_nodes(node, (index, own, *per_node), nodes_at_once)
 
