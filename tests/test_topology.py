@@ -321,6 +321,7 @@ def test_gathered_neighbourhoods_equal_the_dense_weights(monkeypatch):
 
 
 WIDER = "wider than the model"  # one block, narrower than the width asked
+NODE_CHUNKS = "node chunks"
 
 
 def _at_width(fn, width):
@@ -335,6 +336,7 @@ def _at_width(fn, width):
         pytest.param("{name: mean}", 100, marks=pytest.mark.slow),  # as gossip, weights fixed
         ("{name: median}", 100),
         ("{name: median}", None),
+        ("{name: median}", NODE_CHUNKS),
         pytest.param("{name: trimmed_mean, beta: 0.25}", 100, marks=pytest.mark.slow),
         ("{name: self_centered_clipping, tau: 0.05}", 100),
         ("{name: self_centered_clipping, tau: 0.05}", WIDER),
@@ -344,8 +346,8 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     """A 4 x 4 torus round with a columnwise rule at every node (a quarter of the nodes
     flipping labels) gives the same models and metrics run one block of columns at a
     time (blocks of 100 columns and a narrower last one; blocks wider than the model, as
-    a small model has fewer columns than a block; or the width the rule asks for) as on
-    the gathered neighbourhoods."""
+    a small model has fewer columns than a block; the width the rule asks for; or blocks
+    of 100 columns for 5 of the 16 nodes at a time) as on the gathered neighbourhoods."""
     import fedsim.round as rounds
 
     setup, hp = _setup(
@@ -354,9 +356,12 @@ def test_columnwise_rules_by_column_blocks_equal_the_gathered_round(monkeypatch,
     _, attack = components(setup)
     assert rounds.runs_by_columns(setup.spec, topology_of(setup.spec), attack)
     assert setup.n_params % 100 != 0
+    if width == NODE_CHUNKS:  # 100 columns of 5 nodes at a time: 3 chunks and 1 node
+        monkeypatch.setattr(rounds, "column_layout", lambda *a: (100, 5))
+        width = None
     width = setup.n_params + 28 if width == WIDER else width
     for name in ("by_column_blocks", "edge_sq_distances"):
-        if width is not None:  # None: the width the rule asks for
+        if width is not None:  # None: the layout the rule asks for
             monkeypatch.setattr(rounds, name, _at_width(getattr(rounds, name), width))
     state = jax.jit(make_init(setup))(jax.random.PRNGKey(0), hp)
     by_columns, m_columns = jax.jit(make_round(setup))(state, hp, setup.data)
