@@ -24,11 +24,18 @@ against a per-node Python loop.
    Metropolis–Hastings weights. Same graph, shapes, batch size and step count; its own
    batches and initial weights, so its models are not compared with the fused round's.
 
+4. ``--parts N``: where a node's median spends its time, without training: the column
+   blocks of ``round.by_column_blocks`` at N nodes of an 8-regular graph, d = 79,510 (the
+   MNIST MLP's), in the median's layout (``round.column_layout``), with three rules in
+   turn: a mean (the blocks alone), the nine-row select alone (``kernels.middle_values``)
+   and the median's block as the rule runs it (``coordinatewise(median_block)``, with its
+   tie weights). Median of 5 calls after one.
+
 Median seconds per scanned round (5 rounds a call, 5 calls after a warm-up; the loop:
 median of 3 rounds after one). Writes ``bench/results/peer.json`` with the machine.
 
 Usage: ``python bench/peer.py [--nodes 64 256] [--large 1024] [--vs-star 1000]
-[--loop 100] [--quick]``
+[--loop 100] [--parts 1000] [--quick]``
 """
 
 from __future__ import annotations
@@ -245,17 +252,63 @@ def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     write(out, results)
 
 
+def median_parts(nodes: int, results: dict, out: str, d: int = 79_510) -> None:
+    """Seconds of the median's column blocks at ``nodes`` nodes of an 8-regular graph with
+    three rules in turn (the module docstring's section 4)."""
+    from round_throughput import median_time
+
+    from fedsim import kernels as ops
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    sent, own = (jax.random.normal(k, (nodes, d)) for k in keys[:2])
+    index, _ = topologies.make("k_regular", nodes, k=8).gather(keys[2])
+    rows = index.shape[1]
+    width, at_once = rounds.column_layout(nodes, rows, "median")
+    present, m = jnp.ones(rows, bool), jnp.int32(rows)
+    no_weight = jnp.zeros(rows)
+
+    def select(x, mine):
+        lo, hi = ops.middle_values(x, present, m)
+        return (lo + hi) / 2, no_weight
+
+    stand_ins = {
+        "mean": lambda x, mine: (jnp.mean(x, axis=0), no_weight),
+        "select": select,
+        "median": lambda x, mine: ops.coordinatewise(
+            lambda b, p: ops.median_block(b, p, m), x, present
+        ),
+    }
+    row = {"section": "parts", "graph": "{name: k_regular, k: 8}", "nodes": nodes, "d": d}
+    row |= {"width": width, "nodes_at_once": at_once}
+    for name, rule in stand_ins.items():
+        blocks = jax.jit(
+            lambda s, o, rule=rule: rounds.by_column_blocks(
+                rule, s, o, index, (), True, width, at_once
+            )
+        )
+
+        def call(blocks=blocks):
+            return jax.block_until_ready(blocks(sent, own))
+
+        row[f"{name}_s"] = median_time(call, 5)[0]
+    results["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    write(out, results)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="*", default=[64, 256])
     parser.add_argument("--large", type=int, nargs="*", default=[1024])
     parser.add_argument("--vs-star", type=int, nargs="*", default=[1000])
     parser.add_argument("--loop", type=int, nargs="*", default=[100])
+    parser.add_argument("--parts", type=int, nargs="*", default=[])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--out", default="bench/results/peer.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.large, args.vs_star, args.loop = [16], [32], [20], [20]
+        args.parts = [20] if args.parts else []
     results = {"machine": machine_info(), "rounds_per_call": ROUNDS, "calls": REPEATS, "rows": []}
     for graph in ("{name: ring}", "{name: k_regular, k: 6}"):
         for n in args.nodes:
@@ -278,6 +331,8 @@ def main(argv=None) -> None:
     for n in args.loop:
         for rule in LOOP_RULES:
             fused_vs_loop(n, results, args.out, rule)
+    for n in args.parts:
+        median_parts(n, results, args.out, d=1000 if args.quick else 79_510)
 
 
 def write(path: str, results: dict) -> None:
