@@ -28,8 +28,8 @@ against a per-node Python loop.
    blocks of ``round.by_column_blocks`` at N nodes of an 8-regular graph, d = 79,510 (the
    MNIST MLP's), in the median's layout (``round.column_layout``), with three rules in
    turn: a mean (the blocks alone), the nine-row select alone (``kernels.middle_values``)
-   and the median's block as the rule runs it (``coordinatewise(median_block)``, with its
-   tie weights). Median of 5 calls after one.
+   and the registered median rule itself (with its tie weights). Median of 5 calls after
+   one.
 
 Median seconds per scanned round (5 rounds a call, 5 calls after a warm-up; the loop:
 median of 3 rounds after one). Writes ``bench/results/peer.json`` with the machine.
@@ -55,14 +55,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
 from machine import machine_info  # noqa: E402
-from round_throughput import LR, HostData, torch_setup  # noqa: E402
+from round_throughput import LR, HostData, median_time, torch_setup  # noqa: E402
 from round_throughput import make_setup as mnist_setup  # noqa: E402
 
 import fedsim.round as rounds  # noqa: E402
-from fedsim import memory  # noqa: E402
+from fedsim import aggregators, memory  # noqa: E402
+from fedsim import kernels as ops  # noqa: E402
 from fedsim import topology as topologies  # noqa: E402
 from fedsim.config import load_config, to_spec  # noqa: E402
 from fedsim.setup import components, flat_unravel, prepare  # noqa: E402
+from fedsim.types import AggContext  # noqa: E402
 
 ROUNDS, REPEATS = 5, 5
 GRAPHS_VS_STAR = ("{name: ring}", "{name: k_regular, k: 8}", "{name: epidemic, s: 8}")
@@ -255,42 +257,34 @@ def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
 def median_parts(nodes: int, results: dict, out: str, d: int = 79_510) -> None:
     """Seconds of the median's column blocks at ``nodes`` nodes of an 8-regular graph with
     three rules in turn (the module docstring's section 4)."""
-    from round_throughput import median_time
-
-    from fedsim import kernels as ops
-
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     sent, own = (jax.random.normal(k, (nodes, d)) for k in keys[:2])
     index, _ = topologies.make("k_regular", nodes, k=8).gather(keys[2])
     rows = index.shape[1]
     width, at_once = rounds.column_layout(nodes, rows, "median")
-    present, m = jnp.ones(rows, bool), jnp.int32(rows)
-    no_weight = jnp.zeros(rows)
+    present, no_weight = jnp.ones(rows, bool), jnp.zeros(rows)
+    median = aggregators.make("median")
 
     def select(x, mine):
-        lo, hi = ops.middle_values(x, present, m)
+        lo, hi = ops.middle_values(x, present, rows)
         return (lo + hi) / 2, no_weight
 
-    stand_ins = {
-        "mean": lambda x, mine: (jnp.mean(x, axis=0), no_weight),
-        "select": select,
-        "median": lambda x, mine: ops.coordinatewise(
-            lambda b, p: ops.median_block(b, p, m), x, present
-        ),
-    }
+    def registered_median(x, mine):
+        ctx = AggContext(mine, jax.random.PRNGKey(1), {})
+        step, _, info = median.aggregate(x, present.astype(x.dtype), (), ctx)
+        return step, info.weight
+
+    def seconds(rule) -> float:
+        blocks = jax.jit(
+            lambda s, o: rounds.by_column_blocks(rule, s, o, index, (), True, width, at_once)
+        )
+        return median_time(lambda: jax.block_until_ready(blocks(sent, own)), REPEATS)[0]
+
     row = {"section": "parts", "graph": "{name: k_regular, k: 8}", "nodes": nodes, "d": d}
     row |= {"width": width, "nodes_at_once": at_once}
-    for name, rule in stand_ins.items():
-        blocks = jax.jit(
-            lambda s, o, rule=rule: rounds.by_column_blocks(
-                rule, s, o, index, (), True, width, at_once
-            )
-        )
-
-        def call(blocks=blocks):
-            return jax.block_until_ready(blocks(sent, own))
-
-        row[f"{name}_s"] = median_time(call, 5)[0]
+    row["mean_s"] = seconds(lambda x, mine: (jnp.mean(x, axis=0), no_weight))
+    row["select_s"] = seconds(select)
+    row["median_s"] = seconds(registered_median)
     results["rows"].append(row)
     print(json.dumps(row), flush=True)
     write(out, results)
