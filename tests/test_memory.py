@@ -164,7 +164,7 @@ def test_chunked_training_holds_one_update_matrix_and_the_mean_no_working_set():
     assert saved == matrix * memory.AGG_COPIES + 4 * 64 * 64 - block
 
 
-def test_fedavg_on_100000_clients_of_the_mnist_mlp_fits_an_80_gb_budget():
+def test_fedavg_on_100000_clients_of_the_mnist_mlp_fits_the_h100_budget():
     """The GPU figures' largest round (bench/gpu.py: 100,000 clients, MLP 784-100-10,
     d = 79,510): with the mean it fits the H100's budget (47.5 GiB, as
     bench/results/gpu_largest.json recorded it) by training clients in chunks; a rule
