@@ -16,7 +16,8 @@ so one block of the ``[n, d]`` matrix stays in cache during its passes. Ranks ma
 traced (they depend on the number of present clients), which a static ``lax.top_k``
 could not offer. Up to ``FEW_ROWS`` rows (a peer-to-peer neighbourhood: its rule is
 vmapped over the nodes) each row's rank is counted by comparing it with every other row
-instead (``select_few``).
+instead (``select_few``), and the two middle values are picked by a sorting network pruned
+to them (``middle_keys_few``).
 
 Conventions shared by the coordinate-wise rules (median, trimmed mean, MeaMed, Bulyan):
 values are compared as floats (``-0.0 == 0.0``); a value tied with others at a selected
@@ -26,6 +27,7 @@ weights do not depend on row order.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -57,7 +59,8 @@ def present_mask(weights: jax.Array) -> jax.Array:
 # A node's neighbourhood (peer-to-peer, vmapped over nodes) has few rows: there a product
 # with a handful of rows becomes a batched matrix-vector product XLA:CPU runs far slower
 # than the elementwise form, which fuses into one pass (bench/peer.py measures it), and an
-# order statistic counts pairs (``select_few``) instead of running 32 radix passes.
+# order statistic counts pairs (``select_few``) or runs a selection network
+# (``middle_keys_few``) instead of 32 radix passes.
 FEW_ROWS = 32
 
 
@@ -506,23 +509,99 @@ def tie_share(x, present, value, share):
 
 
 def middle_values(x, present, m):
-    """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column
-    (NaN sorts last, so either may be NaN).
+    """``(lo [B], hi [B])``: the present values of ranks ⌊(m-1)/2⌋ and ⌊m/2⌋ per column,
+    ``m`` the number of present rows (NaN sorts last, so either may be NaN).
 
-    Few rows: both ranks in one ``select_keys`` (it counts). Else one radix select finds the lower
-    middle value; the upper one is either the same value (enough copies) or the smallest
-    key above it.
+    Few rows: a selection network (``middle_keys_few``). Else one radix select finds the
+    lower middle value; the upper one is either the same value (enough copies) or the
+    smallest key above it.
     """
     m = jnp.asarray(m)
     keys = to_keys(x, present)
-    ranks = jnp.stack([(m - 1) // 2, m // 2])
-    if keys.shape[0] <= FEW_ROWS:  # counting: a second rank costs a few selects more
-        lo, hi = select_keys(keys, ranks)
-    else:
-        (lo,) = select_keys(keys, ranks[:1])
-        enough = jnp.sum(keys <= lo, axis=0) >= m // 2 + 1
-        hi = jnp.where(enough, lo, jnp.min(jnp.where(keys > lo, keys, _TOP), axis=0))
+    if x.shape[0] <= FEW_ROWS:
+        lo, hi = middle_keys_few(keys, present, m)
+        return from_keys(lo), from_keys(hi)
+    (lo,) = select_keys(keys, ((m - 1) // 2)[None])
+    enough = jnp.sum(keys <= lo, axis=0) >= m // 2 + 1
+    hi = jnp.where(enough, lo, jnp.min(jnp.where(keys > lo, keys, _TOP), axis=0))
     return from_keys(lo), from_keys(hi)
+
+
+def middle_keys_few(keys: jax.Array, present: jax.Array, m: jax.Array):
+    """``middle_values`` on keys for few rows: ``keys [n, B]`` (absent rows hold the max
+    key), ``present [n]``, ``m`` = ``sum(present)``. Returns ``(lo [B], hi [B])`` keys.
+
+    The ranks depend on ``m``, a network's outputs do not: so ``p = mid - ⌊(m-1)/2⌋``
+    absent rows (``mid = ⌊(n-1)/2⌋``, and ``0 <= p <= n - m``) take the smallest key
+    instead of the largest, which moves rank ``r`` of the present keys to rank ``r + p``:
+    the lower middle value to ``mid`` and the upper one to ``mid + 1`` for an even ``m``.
+    Those two are picked by a pruned sorting network (``selection_network``), a few
+    min/max per row instead of ``select_few``'s ``n²`` compares. No present row: the max
+    key (NaN), as the counting select gives.
+    """
+    n = keys.shape[0]
+    mid, upper = (n - 1) // 2, min((n - 1) // 2 + 1, n - 1)
+    absent = ~present
+    bottom = absent & (jnp.cumsum(absent) <= mid - (m - 1) // 2)
+    keys = jnp.where(bottom[:, None], jnp.uint32(0), keys)
+    steps = selection_network(n, (mid, upper))
+
+    def network(trip, out):
+        # ``+ trip`` (0) ties the network to the loop, or XLA would hoist it out of the loop
+        rows = list(keys + trip.astype(keys.dtype))
+        for a, b, keep_min, keep_max in steps:
+            rows[a], rows[b] = (
+                jnp.minimum(rows[a], rows[b]) if keep_min else rows[a],
+                jnp.maximum(rows[a], rows[b]) if keep_max else rows[b],
+            )
+        return rows[mid], rows[upper]
+
+    # One trip the compiler cannot count: the result is materialised once, where XLA:CPU
+    # would otherwise fuse the whole network into every consumer of lo and hi.
+    once = lax.optimization_barrier(jnp.int32(1))
+    lo, up = lax.fori_loop(0, once, network, (keys[0], keys[0]))
+    hi = jnp.where(m % 2 == 0, up, lo)
+    return jnp.where(m > 0, lo, _TOP), jnp.where(m > 0, hi, _TOP)
+
+
+@functools.cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd–even merge sort on ``n`` wires: compare-exchanges ``(a, b)``, ``a <
+    b``, after which wire ``a`` holds the smaller value. Built for the next power of two;
+    exchanges with a wire ``>= n`` are dropped (as if that wire held the max key)."""
+    size = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+
+    def merge(lo: int, hi: int, step: int) -> None:
+        if 2 * step < hi - lo:
+            merge(lo, hi, 2 * step)
+            merge(lo + step, hi, 2 * step)
+            pairs.extend((i, i + step) for i in range(lo + step, hi - step, 2 * step))
+        else:
+            pairs.append((lo, lo + step))
+
+    def sort(lo: int, hi: int) -> None:
+        if hi > lo:
+            half = lo + (hi - lo) // 2
+            sort(lo, half)
+            sort(half + 1, hi)
+            merge(lo, hi, 1)
+
+    sort(0, size - 1)
+    return tuple((a, b) for a, b in pairs if b < n)
+
+
+@functools.cache
+def selection_network(n: int, wanted: tuple[int, ...]) -> tuple[tuple[int, int, bool, bool], ...]:
+    """``sorting_network(n)`` pruned to the exchanges that the ranks ``wanted`` depend on:
+    ``(a, b, keep_min, keep_max)``, where an output nothing later reads is not computed."""
+    needed, steps = set(wanted), []
+    for a, b in reversed(sorting_network(n)):
+        keep_min, keep_max = a in needed, b in needed
+        if keep_min or keep_max:
+            steps.append((a, b, keep_min, keep_max))
+            needed |= {a, b}
+    return tuple(reversed(steps))
 
 
 def median_block(x, present, m):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import NamedTuple
 
 import jax
@@ -771,6 +772,95 @@ def test_radix_select_any_row_count(monkeypatch, n, few_rows):
     rank = jnp.asarray(sorted({0, n // 5, n // 2, int(present.sum()) - 1}))
     got = np.asarray(ops.select(jnp.asarray(x), present, rank))
     np.testing.assert_array_equal(got, want[np.asarray(rank)])
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_sorting_network_sorts_every_zero_one_input(n):
+    # the zero-one principle: a comparator network that sorts every 0/1 input sorts all
+    pairs = ops.sorting_network(n)
+    assert all(0 <= a < b < n for a, b in pairs)
+    for code in range(2**n):
+        wires = [(code >> i) & 1 for i in range(n)]
+        for a, b in pairs:
+            wires[a], wires[b] = min(wires[a], wires[b]), max(wires[a], wires[b])
+        assert wires == sorted(wires), (n, code)
+
+
+def test_selection_network_keeps_only_what_its_ranks_read():
+    full = ops.sorting_network(9)
+    pruned = ops.selection_network(9, (4, 5))
+    ops_full, ops_pruned = 2 * len(full), sum(lo + hi for _, _, lo, hi in pruned)
+    assert ops_pruned < ops_full
+    # the kept exchanges are a subsequence of the network's
+    rest = iter(full)
+    assert all(any(pair == (a, b) for pair in rest) for a, b, _, _ in pruned)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        wires = list(rng.integers(0, 4, 9))
+        want = sorted(wires)
+        for a, b, keep_min, keep_max in pruned:
+            wires[a], wires[b] = (
+                min(wires[a], wires[b]) if keep_min else wires[a],
+                max(wires[a], wires[b]) if keep_max else wires[b],
+            )
+        assert (wires[4], wires[5]) == (want[4], want[5])
+
+
+def _middle_reference(x, present):
+    """float64 numpy: present values of ranks (m-1)//2 and m//2 per column, NaN last
+    (NaN for both when no row is present)."""
+    rows = x[present].astype(np.float64)
+    m = rows.shape[0]
+    if m == 0:
+        return np.full(x.shape[1], np.nan), np.full(x.shape[1], np.nan)
+    s = np.sort(rows, axis=0)  # numpy sorts NaN last
+    return s[(m - 1) // 2], s[m // 2]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 9, 10, 17, 32])
+def test_middle_values_of_few_rows_by_network_match_sort(n):
+    rng = np.random.default_rng(n)
+    middle = jax.jit(ops.middle_values)
+    for share in (1.0, 0.8, 0.5, 0.2, 0.0):  # every row present .. none
+        x = rng.integers(-3, 4, (n, 60)).astype(np.float32)  # ties
+        x[rng.random((n, 60)) < 0.1] = np.nan
+        x[0, :3] = [np.inf, -0.0, 0.0]
+        x[-1, 2] = -0.0
+        present = rng.random(n) < share
+        lo, hi = middle(jnp.asarray(x), jnp.asarray(present), jnp.int32(present.sum()))
+        want_lo, want_hi = _middle_reference(x, present)
+        np.testing.assert_array_equal(np.asarray(lo), want_lo.astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(hi), want_hi.astype(np.float32))
+
+
+def _called(hlo: str, name: str) -> str:
+    """The text of computation ``name`` in compiled HLO and of every computation it calls."""
+    bodies = dict(re.findall(r"^%(\S+) \(.*?\n(.*?)^}", hlo, re.M | re.S))
+    seen, todo, text = set(), [name], ""
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in bodies:
+            continue
+        seen.add(current)
+        text += bodies[current]
+        todo += re.findall(r"(?:calls|body|to_apply)=%([\w.\-]+)", bodies[current])
+    return text
+
+
+def test_middle_values_network_runs_inside_its_loop():
+    # the one-trip loop exists to materialise the network once; hoisted out of the loop
+    # (as XLA does with a loop-invariant body) it would be fused into every consumer
+    n = 9
+    present = jnp.ones(n, bool)
+    hlo = (
+        jax.jit(lambda x: ops.middle_values(x, present, jnp.int32(n)))
+        .lower(jnp.zeros((n, 128)))
+        .compile()
+        .as_text()
+    )
+    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+    assert bodies, "no loop"
+    assert any(_called(hlo, body).count("minimum(") >= 5 for body in bodies)
 
 
 @pytest.mark.parametrize("n", [7, 100])

@@ -42,11 +42,12 @@ def _count(present):
 # --- coordinate-wise order statistics -----------------------------------------------------
 
 
-# Order statistics over a peer-to-peer neighbourhood (a few rows: ``ops.select_few``) take
+# Order statistics over a peer-to-peer neighbourhood (a few rows: the median's selection
+# network ``ops.middle_keys_few``, the trimmed mean's counting ``ops.select_few``) take
 # blocks an eighth of the default size (128 columns of 113 nodes at a time at 1,000 nodes of
 # nine rows, 128 columns of all 100 at 100: ``fedsim.round.column_layout``): a block then
-# stays in cache while each row is counted against the others, where the mean-like
-# columnwise rules gain more from fewer loop iterations (bench/peer.py, README).
+# stays in cache while its rows are compared, where the mean-like columnwise rules gain
+# more from fewer loop iterations (bench/peer.py, README).
 SELECT_COLUMN_ENTRIES = 1 << 17
 
 
