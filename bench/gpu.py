@@ -15,6 +15,9 @@ the device's name and the machine (``bench/machine.py``):
   rules and timer; the updates drawn on the device, 40 GB at n = 10,000): seconds, the
   GB/s of reading the [n, d] matrix once over the element-wise peak, and, for rules with
   a FLOP count (mean 2nd, Krum's Gram matrix 2n^2d), GFLOP/s over the matmul peak;
+- ``peer``: the fused peer-to-peer round (8-regular, median and gossip) at 100 nodes
+  against per-node Python loops (``peer.py``'s section 3: fedsim's own jitted pieces, and
+  PyTorch where it is installed), where the CPU's figures are bound by the arithmetic;
 - ``sweep``: 64 runs as one ``fedsim sweep`` beside separate ``fedsim run`` processes
   (``sweep.py``'s ``bench_one``), with the sweep's training GFLOP/s over the matmul peak;
 - ``largest``: the largest client count, all participating, that runs (``scale.py``'s
@@ -50,6 +53,7 @@ import aggregators as agg_bench  # noqa: E402  (bench/ on the path first)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import machine  # noqa: E402
+import peer  # noqa: E402
 import round_throughput as rt  # noqa: E402
 import scale  # noqa: E402
 import sweep as sweep_bench  # noqa: E402
@@ -65,6 +69,7 @@ FULL = {
     "repeats": 3,
     "agg_sizes": [(1_000, 10**6), (10_000, 10**6)],
     "rules": ["mean", "median", "trimmed_mean", "krum", "geometric_median", "centered_clipping"],
+    "peer_nodes": 100,
     "sweep_rounds": 10,
     "separate": 2,
     "sweep_base": None,
@@ -80,6 +85,7 @@ TINY = {
     "repeats": 1,
     "agg_sizes": [(16, 1000)],
     "rules": ["mean", "krum"],
+    "peer_nodes": 20,  # the fewest nodes where an 8-regular graph is gathered, not dense
     "sweep_rounds": 1,
     "separate": 1,
     "sweep_base": {
@@ -284,6 +290,12 @@ def sections(sizes: dict, out: Path, peaks: dict, deadline: float):
     return [
         ("round", rounds),
         ("aggregators", aggs),
+        (
+            "peer",
+            lambda: {
+                "rows": [_guard(peer.loop_row, sizes["peer_nodes"], r) for r in peer.LOOP_RULES]
+            },
+        ),
         ("sweep", lambda: sweep_row(sizes, out, peaks)),
         ("largest", lambda: {"rows": largest_rows(sizes, deadline, peaks)}),
     ]
@@ -303,7 +315,7 @@ def _guard_list(fn, *args) -> list:
         return [{"args": list(args[:2]), "error": _first_line(err)}]
 
 
-SECTION_NAMES = ("round", "aggregators", "sweep", "largest")
+SECTION_NAMES = ("round", "aggregators", "peer", "sweep", "largest")
 SPAWNING = ("sweep", "largest")  # sections whose work runs in fedsim processes they start
 
 

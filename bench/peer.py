@@ -233,6 +233,14 @@ def torch_node_loop(setup, rule: str, n_rounds: int) -> float:
 def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     """Section 3: the fused round against ``python_loop`` (and ``torch_node_loop`` when
     PyTorch is installed) at ``nodes`` nodes."""
+    row = loop_row(nodes, rule)
+    results["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    write(out, results)
+
+
+def loop_row(nodes: int, rule: str) -> dict:
+    """Section 3's row at ``nodes`` nodes (``bench/gpu.py``'s ``peer`` section too)."""
     setup, hp = mnist_setup(nodes, 1, aggregator=rule, extra=[f"topology={LOOP_GRAPH}"])
     fused = seconds_per_round(setup, hp, dense=False)
     loop, first = python_loop(setup, hp, n_rounds=4)
@@ -249,9 +257,7 @@ def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     else:
         row["torch_loop_s"] = torch_node_loop(setup, rule, n_rounds=4)
         row["torch_loop_over_fused"] = row["torch_loop_s"] / fused
-    results["rows"].append(row)
-    print(json.dumps(row), flush=True)
-    write(out, results)
+    return row
 
 
 def median_parts(nodes: int, results: dict, out: str, d: int = 79_510) -> None:

@@ -30,9 +30,9 @@ def _check_common(files: dict) -> None:
     assert peak["matmul_gflops"] > 0 and peak["copy_gbps"] > 0
 
 
-def test_gpu_bench_round_and_aggregators_on_cpu(tmp_path):
-    files = _gpu_sh(tmp_path, "--sections", "round,aggregators")
-    assert sorted(files) == ["gpu_aggregators", "gpu_peak", "gpu_round"]
+def test_gpu_bench_round_aggregators_and_peer_on_cpu(tmp_path):
+    files = _gpu_sh(tmp_path, "--sections", "round,aggregators,peer")
+    assert sorted(files) == ["gpu_aggregators", "gpu_peak", "gpu_peer", "gpu_round"]
     _check_common(files)
     (row,) = files["gpu_round"]["rows"]
     assert row["clients"] == 16 and row["updates_per_s"] > 0
@@ -40,6 +40,11 @@ def test_gpu_bench_round_and_aggregators_on_cpu(tmp_path):
     rules = {r["rule"]: r for r in files["gpu_aggregators"]["rows"]}
     assert set(rules) == {"mean", "krum"} and all(r["seconds"] > 0 for r in rules.values())
     assert all(r["fraction_of_matmul"] > 0 for r in rules.values())
+    peer_rows = {r["rule"]: r for r in files["gpu_peer"]["rows"]}
+    assert set(peer_rows) == {"median", "gossip"}
+    for r in peer_rows.values():
+        assert "error" not in r, r
+        assert r["nodes"] == 20 and r["fused_s"] > 0 and r["python_loop_s"] > 0
 
 
 @pytest.mark.slow  # the sweep section starts a 64-run sweep and a separate fedsim run
