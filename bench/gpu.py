@@ -70,6 +70,7 @@ FULL = {
     "agg_sizes": [(1_000, 10**6), (10_000, 10**6)],
     "rules": ["mean", "median", "trimmed_mean", "krum", "geometric_median", "centered_clipping"],
     "peer_nodes": 100,
+    "peer_rules": list(peer.LOOP_RULES),
     "sweep_rounds": 10,
     "separate": 2,
     "sweep_base": None,
@@ -86,6 +87,7 @@ TINY = {
     "agg_sizes": [(16, 1000)],
     "rules": ["mean", "krum"],
     "peer_nodes": 20,  # the fewest nodes where an 8-regular graph is gathered, not dense
+    "peer_rules": ["median"],
     "sweep_rounds": 1,
     "separate": 1,
     "sweep_base": {
@@ -293,7 +295,7 @@ def sections(sizes: dict, out: Path, peaks: dict, deadline: float):
         (
             "peer",
             lambda: {
-                "rows": [_guard(peer.loop_row, sizes["peer_nodes"], r) for r in peer.LOOP_RULES]
+                "rows": [_guard(peer.loop_row, sizes["peer_nodes"], r) for r in sizes["peer_rules"]]
             },
         ),
         ("sweep", lambda: sweep_row(sizes, out, peaks)),
