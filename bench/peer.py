@@ -120,9 +120,7 @@ def peer_vs_star(nodes: int, results: dict, out: str) -> None:
             row |= {"peer_s": peer, "star_rule": server_rule, "star_s": star[rule]}
             row["peer_over_star"] = peer / star[rule]
             row |= memory_of(setup, hp)
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            write(out, results)
+            record(row, results, out)
 
 
 def memory_of(setup, hparams) -> dict:
@@ -233,10 +231,7 @@ def torch_node_loop(setup, rule: str, n_rounds: int) -> float:
 def fused_vs_loop(nodes: int, results: dict, out: str, rule: str) -> None:
     """Section 3: the fused round against ``python_loop`` (and ``torch_node_loop`` when
     PyTorch is installed) at ``nodes`` nodes."""
-    row = loop_row(nodes, rule)
-    results["rows"].append(row)
-    print(json.dumps(row), flush=True)
-    write(out, results)
+    record(loop_row(nodes, rule), results, out)
 
 
 def loop_row(nodes: int, rule: str) -> dict:
@@ -291,9 +286,7 @@ def median_parts(nodes: int, results: dict, out: str, d: int = 79_510) -> None:
     row["mean_s"] = seconds(lambda x, mine: (jnp.mean(x, axis=0), no_weight))
     row["select_s"] = seconds(select)
     row["median_s"] = seconds(registered_median)
-    results["rows"].append(row)
-    print(json.dumps(row), flush=True)
-    write(out, results)
+    record(row, results, out)
 
 
 def main(argv=None) -> None:
@@ -317,15 +310,11 @@ def main(argv=None) -> None:
             dense = seconds_per_round(setup, hp, dense=True)
             row = {"graph": graph, "nodes": n, "gathered_s": gathered, "dense_s": dense}
             row["dense_over_gathered"] = dense / gathered
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            write(args.out, results)
+            record(row, results, args.out)
         for n in args.large:
             setup, hp = make_setup(n, graph)
             row = {"graph": graph, "nodes": n, "gathered_s": seconds_per_round(setup, hp, False)}
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            write(args.out, results)
+            record(row, results, args.out)
     for n in args.vs_star:
         peer_vs_star(n, results, args.out)
     for n in args.loop:
@@ -333,6 +322,13 @@ def main(argv=None) -> None:
             fused_vs_loop(n, results, args.out, rule)
     for n in args.parts:
         median_parts(n, results, args.out, d=1000 if args.quick else 79_510)
+
+
+def record(row: dict, results: dict, path: str) -> None:
+    """Print a measured row and write the rows so far (``write``)."""
+    results["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    write(path, results)
 
 
 def write(path: str, results: dict) -> None:

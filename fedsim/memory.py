@@ -103,7 +103,6 @@ def footprint(setup) -> Footprint:
     from fedsim.aggregators import REGISTRY as RULES
     from fedsim.round import make_init
     from fedsim.setup import components
-    from fedsim.spec import thaw
 
     spec = setup.spec
     _, attack = components(setup)
@@ -122,7 +121,7 @@ def footprint(setup) -> Footprint:
         update_copies=copies,
         per_client_train=per_client,
         eval_act=4 * 3 * min(1000, int(setup.data.x_test.shape[0])) * widths,
-        matrix_free=RULES.matrix_free(spec.aggregator) and not thaw(spec.aggregator_kw).get("pre"),
+        matrix_free=RULES.matrix_free(spec.aggregator) and not spec.has_pre_stages,
         **_neighbourhoods(setup, attack),
     )
 
@@ -134,7 +133,7 @@ def _neighbourhoods(setup, attack) -> dict:
     its rule by column blocks (``fedsim.round.runs_by_columns``)."""
     import jax
 
-    from fedsim.round import column_width, runs_by_columns
+    from fedsim.round import column_layout, runs_by_columns
     from fedsim.setup import is_peer_to_peer, topology_of
 
     spec = setup.spec
@@ -147,7 +146,7 @@ def _neighbourhoods(setup, attack) -> dict:
     nodes, rows = (int(s) for s in index.shape)
     if not runs_by_columns(spec, topo, attack):
         return {"neighbourhood": rows}
-    return {"neighbourhood": rows, "column_block": column_width(nodes, rows, spec.aggregator)}
+    return {"neighbourhood": rows, "column_block": column_layout(nodes, rows, spec.aggregator)[0]}
 
 
 def _hparams_shapes(setup):

@@ -29,7 +29,7 @@ from fedsim.client import LocalSpec, make_local_train, make_optimizer, n_local_s
 from fedsim.kernels import block_width, finite_rows, row_sq_norms
 from fedsim.layout import shard_clients
 from fedsim.setup import Data, Setup, components, flat_unravel, is_peer_to_peer, topology_of
-from fedsim.spec import HParams, thaw
+from fedsim.spec import HParams
 from fedsim.types import AggContext, AggInfo, AttackContext
 
 TRACE_COUNT = {"round": 0}  # incremented each time a round is traced (tests check reuse)
@@ -498,11 +498,6 @@ def column_layout(nodes: int, rows: int, aggregator: str | None = None):
     return NODE_CHUNK_WIDTH, (at_once if at_once < nodes else None)
 
 
-def column_width(nodes: int, rows: int, aggregator: str | None = None) -> int:
-    """Columns per block of ``column_layout``."""
-    return column_layout(nodes, rows, aggregator)[0]
-
-
 def runs_by_columns(spec, topo, attack) -> bool:
     """Whether a peer-to-peer round runs its rule ``by_column_blocks``: a sparse graph, a
     columnwise rule (``Rules.columnwise``) without pre-aggregation stages, no crafted
@@ -511,7 +506,7 @@ def runs_by_columns(spec, topo, attack) -> bool:
         topo.gather is not None
         and attack.craft is None
         and not spec.judge_size
-        and not thaw(spec.aggregator_kw).get("pre")
+        and not spec.has_pre_stages
         and RULES.columnwise(spec.aggregator)
     )
 

@@ -61,6 +61,12 @@ class Spec:
     closed_loop: tuple = ()
     victims: tuple = ()  # peer-to-peer: the only nodes malicious neighbours craft for
 
+    @property
+    def has_pre_stages(self) -> bool:
+        """Whether the aggregator runs pre-aggregation stages (``aggregator.pre``) before
+        its rule, so that the round is no longer the registered rule alone."""
+        return bool(thaw(self.aggregator_kw).get("pre"))
+
 
 @struct.dataclass
 class HParams:

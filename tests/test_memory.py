@@ -12,7 +12,7 @@ from fedsim.config import load_config, to_spec
 from fedsim.kernels import PASS_ENTRIES
 from fedsim.layout import with_layout
 from fedsim.registry import ConfigError
-from fedsim.round import column_width, make_chunk, make_init
+from fedsim.round import column_layout, make_chunk, make_init
 from fedsim.setup import prepare
 
 OVER = [
@@ -126,7 +126,7 @@ def test_by_column_blocks_estimate_holds_a_block_and_bounds_xla():
     spec, hp = to_spec(load_config("configs/digits.yaml", [*over, "topology.name=torus"]))
     setup = prepare(spec)
     fp = memory.footprint(setup)
-    assert fp.neighbourhood == 5 and fp.column_block == column_width(16, 5, "median")
+    assert fp.neighbourhood == 5 and fp.column_block == column_layout(16, 5, "median")[0]
     gathered = memory.estimate(fp._replace(column_block=None), 1, None)
     assert memory.estimate(fp._replace(column_block=fp.d // 8), 1, None) < gathered
     assert memory.estimate(fp, 1, None) >= _xla_bytes(setup, hp)

@@ -107,7 +107,7 @@ class Rules(Components):
     def column_entries(self, name: str) -> int | None:
         """Gathered entries per block rule ``name`` asks for when run by column blocks
         (registered as ``column_entries=``), or None for the round's default
-        (``fedsim.round.column_width``)."""
+        (``fedsim.round.column_layout``)."""
         return self.meta(name).get("column_entries") if name in self else None
 
     def matrix_free(self, name: str) -> bool:
